@@ -1,0 +1,136 @@
+#include "eval/perplexity.h"
+
+#include <chrono>
+#include <cmath>
+
+#include "core/threads.h"
+
+namespace dk {
+
+namespace {
+
+// log-softmax of one row at `tok`, as llama.cpp: max in float, sum of exp in double.
+double LogProb(const float* logits, int n_vocab, int tok) {
+  float mx = logits[0];
+  for (int i = 1; i < n_vocab; ++i) mx = logits[i] > mx ? logits[i] : mx;
+  double sum = 0.0;
+  for (int i = 0; i < n_vocab; ++i) sum += std::exp(static_cast<double>(logits[i] - mx));
+  return static_cast<double>(logits[tok] - mx) - std::log(sum);
+}
+
+// KL(p || q) for two logit rows, in double.
+double KlDivergence(const float* p_logits, const float* q_logits, int n, std::vector<double>& lp) {
+  lp.resize(n);
+  double mp = p_logits[0], mq = q_logits[0];
+  for (int i = 1; i < n; ++i) {
+    mp = std::max<double>(mp, p_logits[i]);
+    mq = std::max<double>(mq, q_logits[i]);
+  }
+  double sp = 0.0, sq = 0.0;
+  for (int i = 0; i < n; ++i) {
+    sp += std::exp(p_logits[i] - mp);
+    sq += std::exp(q_logits[i] - mq);
+  }
+  const double lsp = std::log(sp) + mp, lsq = std::log(sq) + mq;
+  double kl = 0.0;
+  for (int i = 0; i < n; ++i) {
+    const double logp = p_logits[i] - lsp, logq = q_logits[i] - lsq;
+    kl += std::exp(logp) * (logp - logq);
+  }
+  return kl > 0.0 ? kl : 0.0;
+}
+
+int ArgMax(const float* x, int n) {
+  int best = 0;
+  for (int i = 1; i < n; ++i)
+    if (x[i] > x[best]) best = i;
+  return best;
+}
+
+// Runs one chunk through the model in batches; logits: [n_ctx][n_vocab].
+Status RunChunk(const Model& model, std::vector<int32_t>& chunk, KvCache& cache, ForwardState& st, float* logits,
+                int n_batch, ThreadPool& pool) {
+  cache.Clear();
+  const int n_ctx = static_cast<int>(chunk.size()), V = model.config().n_vocab;
+  for (int b = 0; b < n_ctx; b += n_batch) {
+    const int n = std::min(n_batch, n_ctx - b);
+    DK_RETURN_IF_ERROR(model.Forward(chunk.data() + b, n, cache, st, logits + static_cast<size_t>(b) * V, true, pool));
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+StatusOr<PerplexityResult> ComputePerplexity(const Model& model, const std::vector<int32_t>& tokens, KvCache& cache,
+                                             KvCache* reference, const PerplexityOptions& opt, ThreadPool& pool,
+                                             const PerplexityProgress& progress) {
+  const int n_ctx = opt.n_ctx, V = model.config().n_vocab;
+  if (n_ctx < 4) return InvalidArgument("-c: context size must be at least 4, found " + std::to_string(n_ctx));
+  if (opt.n_batch < 1) return InvalidArgument("-b: batch size must be positive");
+  if (static_cast<int64_t>(tokens.size()) < 2LL * n_ctx) {
+    return InvalidArgument("perplexity: the text has " + std::to_string(tokens.size()) + " tokens; at least 2 * n_ctx = " +
+                           std::to_string(2 * n_ctx) + " are needed (use a smaller -c)");
+  }
+  if (cache.capacity() < n_ctx || (reference != nullptr && reference->capacity() < n_ctx))
+    return InvalidArgument("perplexity: KV cache smaller than the context size");
+  int n_chunks = static_cast<int>(tokens.size() / n_ctx);
+  if (opt.max_chunks > 0) n_chunks = std::min(n_chunks, opt.max_chunks);
+  const int n_batch = std::min(opt.n_batch, n_ctx);
+  ForwardState st(model.config(), n_batch);
+  std::vector<float> logits(static_cast<size_t>(n_ctx) * V), ref_logits;
+  if (reference != nullptr) ref_logits.resize(logits.size());
+  std::vector<int32_t> chunk(n_ctx);
+  std::vector<double> scratch;
+  const int first = n_ctx / 2;
+  const int32_t bos = model.tokenizer().bos_id();
+
+  PerplexityResult r;
+  r.n_chunks = n_chunks;
+  r.has_kl = reference != nullptr;
+  double nll = 0.0, nll2 = 0.0, kl = 0.0, kl2 = 0.0, frac = 0.0, bpt = 0.0;
+  int64_t count = 0, agree = 0;
+  const double full_bytes = static_cast<double>(Fp16FullBytesPerToken(cache.shape()));
+  for (int c = 0; c < n_chunks; ++c) {
+    std::copy(tokens.begin() + static_cast<int64_t>(c) * n_ctx, tokens.begin() + static_cast<int64_t>(c + 1) * n_ctx,
+              chunk.begin());
+    if (bos >= 0) chunk[0] = bos;
+    const auto t0 = std::chrono::steady_clock::now();
+    DK_RETURN_IF_ERROR(RunChunk(model, chunk, cache, st, logits.data(), n_batch, pool));
+    r.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    bpt += static_cast<double>(cache.BytesUsed()) / n_ctx;
+    frac += static_cast<double>(cache.BytesUsed()) / (full_bytes * n_ctx);
+    if (reference != nullptr) DK_RETURN_IF_ERROR(RunChunk(model, chunk, *reference, st, ref_logits.data(), n_batch, pool));
+    for (int j = first; j < n_ctx - 1; ++j) {
+      const float* row = logits.data() + static_cast<size_t>(j) * V;
+      const double lp = LogProb(row, V, tokens[static_cast<int64_t>(c) * n_ctx + j + 1]);
+      nll -= lp;
+      nll2 += lp * lp;
+      ++count;
+      if (reference != nullptr) {
+        const float* ref = ref_logits.data() + static_cast<size_t>(j) * V;
+        const double d = KlDivergence(ref, row, V, scratch);
+        kl += d;
+        kl2 += d * d;
+        agree += ArgMax(ref, V) == ArgMax(row, V);
+      }
+    }
+    r.running_ppl.push_back(std::exp(nll / static_cast<double>(count)));
+    if (progress) progress(c + 1, n_chunks, r.running_ppl.back());
+  }
+  r.n_scored = count;
+  const double mean = nll / count;
+  r.ppl = std::exp(mean);
+  const double var = nll2 / count - mean * mean;
+  r.ppl_err = var > 0 ? r.ppl * std::sqrt(var / (count - 1)) : 0.0;
+  if (reference != nullptr) {
+    r.kl_mean = kl / count;
+    const double kvar = kl2 / count - r.kl_mean * r.kl_mean;
+    r.kl_err = kvar > 0 ? std::sqrt(kvar / (count - 1)) : 0.0;
+    r.same_top1 = static_cast<double>(agree) / count;
+  }
+  r.kv_fraction = frac / n_chunks;
+  r.kv_bytes_per_token = bpt / n_chunks;
+  return r;
+}
+
+}  // namespace dk

@@ -1,0 +1,45 @@
+// Perplexity computed as llama.cpp's perplexity tool does it: the tokenized text (BOS first) is cut
+// into chunks of n_ctx tokens, each chunk's first token is replaced by BOS, each chunk runs from an
+// empty cache, and only the second half of each chunk is scored. Optionally, a reference cache
+// (e.g. the full cache) runs beside the tested one to measure KL(reference || tested) per token.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include "core/status.h"
+#include "kv/kv_cache.h"
+#include "model/llama.h"
+
+namespace dk {
+
+struct PerplexityOptions {
+  int n_ctx = 512;
+  int n_batch = 512;
+  int max_chunks = -1;  // -1: all
+};
+
+struct PerplexityResult {
+  int n_chunks = 0;
+  int64_t n_scored = 0;
+  std::vector<double> running_ppl;  // after each chunk
+  double ppl = 0.0;
+  double ppl_err = 0.0;             // llama.cpp's estimate: ppl * sqrt(var(nll) / (count - 1))
+  bool has_kl = false;
+  double kl_mean = 0.0;             // mean KL(reference || tested) per scored token, nats
+  double kl_err = 0.0;              // standard error of that mean
+  double same_top1 = 0.0;           // fraction of scored tokens where both argmaxes agree
+  double kv_fraction = 0.0;         // mean over chunks of tested BytesUsed / fp16 full-cache bytes
+  double kv_bytes_per_token = 0.0;  // tested cache bytes per token, averaged over chunks
+  double seconds = 0.0;             // wall time of the tested model's forward passes
+};
+
+using PerplexityProgress = std::function<void(int chunk, int n_chunks, double running_ppl)>;
+
+// `tokens` is the whole tokenized text. Needs at least 2 * n_ctx tokens.
+StatusOr<PerplexityResult> ComputePerplexity(const Model& model, const std::vector<int32_t>& tokens, KvCache& cache,
+                                             KvCache* reference, const PerplexityOptions& options, ThreadPool& pool,
+                                             const PerplexityProgress& progress = nullptr);
+
+}  // namespace dk

@@ -1,0 +1,43 @@
+// The uncompressed KV cache: every token's post-RoPE keys and values, fp16 or fp32.
+#pragma once
+
+#include <vector>
+
+#include "kv/kv_cache.h"
+
+namespace dk {
+
+enum class KvDtype { kF16, kF32 };
+
+class FullKvCache final : public KvCache {
+ public:
+  FullKvCache(const KvShape& shape, int capacity, KvDtype dtype);
+  std::string name() const override { return dtype_ == KvDtype::kF16 ? "full-f16" : "full-f32"; }
+
+  void Write(int layer, const KvPlan& plan, const float* k, const float* v, const float* x) override;
+  void Attend(int layer, const KvPlan& plan, const float* q, float* out, ThreadPool& pool) override;
+  size_t BytesUsed() const override { return static_cast<size_t>(n_tokens_) * BytesPerToken(); }
+  size_t BytesReserved() const override { return static_cast<size_t>(capacity_) * BytesPerToken(); }
+  size_t BytesPerToken() const { return static_cast<size_t>(shape_.n_layer) * 2 * shape_.kv_dim() * elem_bytes(); }
+
+  // Row of cell t in layer l, as floats (converted when fp16). dst: [kv_dim]
+  void ReadK(int layer, int t, float* dst) const;
+  void ReadV(int layer, int t, float* dst) const;
+
+ private:
+  size_t elem_bytes() const { return dtype_ == KvDtype::kF16 ? 2 : 4; }
+  void StoreRows(std::vector<uint8_t>& buf, const KvPlan& plan, const float* src);
+  void ReadRow(const std::vector<uint8_t>& buf, int t, float* dst) const;
+
+  void ConvertHead(const std::vector<uint8_t>& buf, int64_t g, int T, float* dst) const;  // dst: [T][d]
+  void AttendGemm(int layer, const KvPlan& plan, const float* q, float* out, ThreadPool& pool);
+  static constexpr int kGemmMinBatch = 8;
+
+  KvDtype dtype_;
+  // Per layer: [capacity][kv_dim] elements of dtype_, cell-major.
+  std::vector<std::vector<uint8_t>> k_, v_;
+  std::vector<float> scratch_s_;               // [n][T] scores of one head (batched path)
+  std::vector<float> scratch_k_, scratch_v_;   // [T][d] one kv head as fp32 (fp16 storage)
+};
+
+}  // namespace dk

@@ -1,0 +1,159 @@
+#include "model/ggml_types.h"
+
+#include <cstring>
+
+#include "core/fp16.h"
+
+namespace dk {
+namespace {
+
+// Block sizes and bytes follow ggml's type_traits table (ggml.c) and block structs (ggml-common.h).
+struct TypeEntry {
+  uint32_t id;
+  GgmlTypeTraits traits;
+};
+
+constexpr TypeEntry kTypes[] = {
+    {0, {"f32", 1, 4, true}},
+    {1, {"f16", 1, 2, true}},
+    {2, {"q4_0", 32, 18, true}},    // fp16 d + 16 bytes of nibbles
+    {3, {"q4_1", 32, 20, false}},
+    {6, {"q5_0", 32, 22, false}},
+    {7, {"q5_1", 32, 24, false}},
+    {8, {"q8_0", 32, 34, true}},    // fp16 d + 32 int8
+    {9, {"q8_1", 32, 36, false}},
+    {10, {"q2_K", 256, 84, false}},
+    {11, {"q3_K", 256, 110, false}},
+    {12, {"q4_K", 256, 144, true}},  // fp16 d, fp16 dmin, 12 bytes scales, 128 bytes qs
+    {13, {"q5_K", 256, 176, false}},
+    {14, {"q6_K", 256, 210, false}},
+    {15, {"q8_K", 256, 292, false}},
+    {24, {"i8", 1, 1, false}},
+    {25, {"i16", 1, 2, false}},
+    {26, {"i32", 1, 4, false}},
+    {27, {"i64", 1, 8, false}},
+    {28, {"f64", 1, 8, false}},
+    {30, {"bf16", 1, 2, true}},
+};
+
+constexpr int kQK8_0 = 32;
+constexpr int kQK4_0 = 32;
+constexpr int kQK_K = 256;
+
+uint16_t LoadU16(const uint8_t* p) {
+  uint16_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+void DequantizeQ8_0(const uint8_t* src, float* dst, int64_t nblocks) {
+  for (int64_t b = 0; b < nblocks; ++b, src += 34, dst += kQK8_0) {
+    const float d = Fp16ToFp32(LoadU16(src));
+    for (int j = 0; j < kQK8_0; ++j) dst[j] = static_cast<float>(static_cast<int8_t>(src[2 + j])) * d;
+  }
+}
+
+// Low nibbles are elements 0..15, high nibbles 16..31; value = (q - 8) * d.
+void DequantizeQ4_0(const uint8_t* src, float* dst, int64_t nblocks) {
+  for (int64_t b = 0; b < nblocks; ++b, src += 18, dst += kQK4_0) {
+    const float d = Fp16ToFp32(LoadU16(src));
+    const uint8_t* qs = src + 2;
+    for (int j = 0; j < kQK4_0 / 2; ++j) {
+      dst[j] = static_cast<float>((qs[j] & 0x0F) - 8) * d;
+      dst[j + kQK4_0 / 2] = static_cast<float>((qs[j] >> 4) - 8) * d;
+    }
+  }
+}
+
+// ggml's get_scale_min_k4: 8 six-bit scales and 8 six-bit mins packed into 12 bytes.
+void GetScaleMinK4(int j, const uint8_t* q, uint8_t* d, uint8_t* m) {
+  if (j < 4) {
+    *d = q[j] & 63;
+    *m = q[j + 4] & 63;
+  } else {
+    *d = static_cast<uint8_t>((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4));
+    *m = static_cast<uint8_t>((q[j + 4] >> 4) | ((q[j - 0] >> 6) << 4));
+  }
+}
+
+// Mirrors ggml's dequantize_row_q4_K, including its float evaluation order.
+void DequantizeQ4_K(const uint8_t* src, float* dst, int64_t nblocks) {
+  for (int64_t b = 0; b < nblocks; ++b, src += 144) {
+    const float d = Fp16ToFp32(LoadU16(src));
+    const float dmin = Fp16ToFp32(LoadU16(src + 2));
+    const uint8_t* scales = src + 4;
+    const uint8_t* q = src + 16;
+    int is = 0;
+    for (int j = 0; j < kQK_K; j += 64, q += 32, is += 2) {
+      uint8_t sc, m;
+      GetScaleMinK4(is + 0, scales, &sc, &m);
+      const float d1 = d * sc, m1 = dmin * m;
+      GetScaleMinK4(is + 1, scales, &sc, &m);
+      const float d2 = d * sc, m2 = dmin * m;
+      for (int l = 0; l < 32; ++l) *dst++ = d1 * (q[l] & 0xF) - m1;
+      for (int l = 0; l < 32; ++l) *dst++ = d2 * (q[l] >> 4) - m2;
+    }
+  }
+}
+
+}  // namespace
+
+const GgmlTypeTraits* GetTypeTraits(uint32_t type_id) {
+  for (const TypeEntry& e : kTypes) {
+    if (e.id == type_id) return &e.traits;
+  }
+  return nullptr;
+}
+
+std::string TypeName(uint32_t type_id) {
+  const GgmlTypeTraits* t = GetTypeTraits(type_id);
+  return t != nullptr ? std::string(t->name) : "unknown type " + std::to_string(type_id);
+}
+
+bool RowBytes(GgmlType type, int64_t n, size_t* bytes) {
+  const GgmlTypeTraits* t = GetTypeTraits(static_cast<uint32_t>(type));
+  if (t == nullptr || n < 0 || n % t->block_size != 0) return false;
+  const auto blocks = static_cast<uint64_t>(n / t->block_size);
+  uint64_t total = 0;
+  if (__builtin_mul_overflow(blocks, static_cast<uint64_t>(t->block_bytes), &total)) return false;
+  if (total > SIZE_MAX) return false;
+  *bytes = static_cast<size_t>(total);
+  return true;
+}
+
+Status DequantizeRow(GgmlType type, const void* src, float* dst, int64_t n) {
+  const GgmlTypeTraits* t = GetTypeTraits(static_cast<uint32_t>(type));
+  const uint32_t id = static_cast<uint32_t>(type);
+  if (t == nullptr || !t->dequantizable) {
+    return Unimplemented("cannot convert " + TypeName(id) +
+                         " to f32 (supported: f32, f16, bf16, q8_0, q4_0, q4_K)");
+  }
+  if (n < 0 || n % t->block_size != 0) {
+    return InvalidArgument("DequantizeRow: " + std::to_string(n) + " elements is not a whole number of " +
+                           t->name + " blocks of " + std::to_string(t->block_size));
+  }
+  const auto* p = static_cast<const uint8_t*>(src);
+  const int64_t nblocks = n / t->block_size;
+  switch (type) {
+    case GgmlType::kF32:
+      if (n > 0) std::memcpy(dst, p, static_cast<size_t>(n) * sizeof(float));
+      break;
+    case GgmlType::kF16:
+      if (reinterpret_cast<uintptr_t>(p) % alignof(uint16_t) == 0) {
+        Fp16ToFp32Row(reinterpret_cast<const uint16_t*>(p), dst, n);
+      } else {  // a file with general.alignment = 1 can misalign the data
+        for (int64_t i = 0; i < n; ++i) dst[i] = Fp16ToFp32(LoadU16(p + 2 * i));
+      }
+      break;
+    case GgmlType::kBF16:
+      for (int64_t i = 0; i < n; ++i) dst[i] = Bf16ToFp32(LoadU16(p + 2 * i));
+      break;
+    case GgmlType::kQ8_0: DequantizeQ8_0(p, dst, nblocks); break;
+    case GgmlType::kQ4_0: DequantizeQ4_0(p, dst, nblocks); break;
+    case GgmlType::kQ4_K: DequantizeQ4_K(p, dst, nblocks); break;
+    default: return Internal("DequantizeRow: no kernel for " + TypeName(id));
+  }
+  return Status::Ok();
+}
+
+}  // namespace dk

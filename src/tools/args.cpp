@@ -1,0 +1,133 @@
+#include "tools/args.h"
+
+#include <cerrno>
+#include <cmath>
+#include <cstdlib>
+#include <sstream>
+
+namespace dk::cli {
+
+ArgParser::ArgParser(std::string command, std::string summary)
+    : command_(std::move(command)), summary_(std::move(summary)) {}
+
+namespace {
+
+std::string Range(double lo, double hi) {
+  std::ostringstream s;
+  s << "[" << lo << ", " << hi << "]";
+  return s.str();
+}
+
+}  // namespace
+
+void ArgParser::AddString(std::vector<std::string> names, std::string* target, std::string metavar, std::string help) {
+  flags_.push_back({std::move(names), std::move(metavar), std::move(help), true, false,
+                    [target](const std::string&, const std::string& v) {
+                      *target = v;
+                      return Status::Ok();
+                    }});
+}
+
+void ArgParser::AddInt(std::vector<std::string> names, int* target, long lo, long hi, std::string help) {
+  flags_.push_back({std::move(names), "N", std::move(help), true, false,
+                    [target, lo, hi](const std::string& name, const std::string& v) {
+                      char* end = nullptr;
+                      errno = 0;
+                      const long x = std::strtol(v.c_str(), &end, 10);
+                      if (v.empty() || *end != '\0' || errno != 0 || x < lo || x > hi)
+                        return InvalidArgument(name + ": expected an integer in " + Range(lo, hi) + ", found '" + v + "'");
+                      *target = static_cast<int>(x);
+                      return Status::Ok();
+                    }});
+}
+
+void ArgParser::AddUInt64(std::vector<std::string> names, unsigned long long* target, std::string help) {
+  flags_.push_back({std::move(names), "N", std::move(help), true, false,
+                    [target](const std::string& name, const std::string& v) {
+                      char* end = nullptr;
+                      errno = 0;
+                      const unsigned long long x = std::strtoull(v.c_str(), &end, 10);
+                      if (v.empty() || v[0] == '-' || *end != '\0' || errno != 0)
+                        return InvalidArgument(name + ": expected a non-negative integer, found '" + v + "'");
+                      *target = x;
+                      return Status::Ok();
+                    }});
+}
+
+void ArgParser::AddDouble(std::vector<std::string> names, double* target, double lo, double hi, std::string help) {
+  flags_.push_back({std::move(names), "X", std::move(help), true, false,
+                    [target, lo, hi](const std::string& name, const std::string& v) {
+                      char* end = nullptr;
+                      errno = 0;
+                      const double x = std::strtod(v.c_str(), &end);
+                      if (v.empty() || *end != '\0' || errno != 0 || !std::isfinite(x) || x < lo || x > hi)
+                        return InvalidArgument(name + ": expected a number in " + Range(lo, hi) + ", found '" + v + "'");
+                      *target = x;
+                      return Status::Ok();
+                    }});
+}
+
+void ArgParser::AddFlag(std::vector<std::string> names, bool* target, std::string help) {
+  flags_.push_back({std::move(names), "", std::move(help), false, false, [target](const std::string&, const std::string&) {
+                      *target = true;
+                      return Status::Ok();
+                    }});
+}
+
+ArgParser::Flag* ArgParser::Find(const std::string& name) {
+  for (Flag& f : flags_)
+    for (const std::string& n : f.names)
+      if (n == name) return &f;
+  return nullptr;
+}
+
+Status ArgParser::Parse(int argc, char** argv, int first) {
+  for (int i = first; i < argc; ++i) {
+    std::string arg = argv[i], value;
+    bool has_inline = false;
+    if (arg.rfind("--", 0) == 0) {
+      const size_t eq = arg.find('=');
+      if (eq != std::string::npos) {
+        value = arg.substr(eq + 1);
+        arg = arg.substr(0, eq);
+        has_inline = true;
+      }
+    }
+    if (arg.empty() || arg[0] != '-') return InvalidArgument("unexpected argument '" + arg + "'");
+    Flag* f = Find(arg);
+    if (f == nullptr) return InvalidArgument("unknown flag '" + arg + "'");
+    if (f->takes_value && !has_inline) {
+      if (i + 1 >= argc) return InvalidArgument(arg + ": missing value");
+      value = argv[++i];
+    } else if (!f->takes_value && has_inline) {
+      return InvalidArgument(arg + ": takes no value");
+    }
+    DK_RETURN_IF_ERROR(f->apply(arg, value));
+    f->set = true;
+  }
+  return Status::Ok();
+}
+
+bool ArgParser::WasSet(const std::string& name) const {
+  for (const Flag& f : flags_)
+    for (const std::string& n : f.names)
+      if (n == name) return f.set;
+  return false;
+}
+
+std::string ArgParser::Usage() const {
+  std::ostringstream s;
+  s << "usage: dynakv " << command_ << " [flags]\n  " << summary_ << "\nflags:\n";
+  for (const Flag& f : flags_) {
+    std::string names;
+    for (const std::string& n : f.names) names += (names.empty() ? "" : ", ") + n;
+    if (f.takes_value) names += " " + f.metavar;
+    s << "  " << names;
+    if (names.size() < 26) s << std::string(26 - names.size(), ' ');
+    else s << "\n" << std::string(28, ' ');
+    s << f.help << "\n";
+  }
+  return s.str();
+}
+
+}  // namespace dk::cli

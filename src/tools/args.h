@@ -1,0 +1,42 @@
+// A small declarative flag parser for the CLI. Flags take llama.cpp's names where one exists.
+// Any error is one line naming the flag; the caller prints usage and exits with code 2.
+#pragma once
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "core/status.h"
+
+namespace dk::cli {
+
+class ArgParser {
+ public:
+  ArgParser(std::string command, std::string summary);
+
+  void AddString(std::vector<std::string> names, std::string* target, std::string metavar, std::string help);
+  void AddInt(std::vector<std::string> names, int* target, long lo, long hi, std::string help);
+  void AddUInt64(std::vector<std::string> names, unsigned long long* target, std::string help);
+  void AddDouble(std::vector<std::string> names, double* target, double lo, double hi, std::string help);
+  void AddFlag(std::vector<std::string> names, bool* target, std::string help);
+
+  // Parses argv[first..argc). Positional arguments are not accepted.
+  Status Parse(int argc, char** argv, int first);
+  bool WasSet(const std::string& name) const;
+  std::string Usage() const;
+
+ private:
+  struct Flag {
+    std::vector<std::string> names;
+    std::string metavar, help;
+    bool takes_value = true;
+    bool set = false;
+    std::function<Status(const std::string& name, const std::string& value)> apply;
+  };
+  Flag* Find(const std::string& name);
+
+  std::string command_, summary_;
+  std::vector<Flag> flags_;
+};
+
+}  // namespace dk::cli

@@ -1,0 +1,82 @@
+// dynakv perplexity: llama.cpp's perplexity procedure; optionally KL divergence from the full cache.
+#include <cstdio>
+
+#include "core/mapped_file.h"
+#include "core/progress.h"
+#include "core/threads.h"
+#include "eval/perplexity.h"
+#include "tools/common.h"
+
+namespace dk::cli {
+
+int CmdPerplexity(int argc, char** argv) {
+  std::string model_path, text_file;
+  int n_ctx = 512, n_batch = 2048, threads = DefaultThreads(), chunks = -1;
+  bool help = false, kl = false, quiet = false;
+  KvConfig kv;
+  ArgParser p("perplexity", "perplexity of a text file: chunks of -c tokens, the second half of each scored");
+  p.AddString({"-m", "--model"}, &model_path, "FILE", "GGUF model file (required)");
+  p.AddString({"-f", "--file"}, &text_file, "FILE", "text file (required)");
+  p.AddInt({"-c", "--ctx-size"}, &n_ctx, 4, 1 << 24, "chunk (context) size in tokens (default 512)");
+  p.AddInt({"-b", "--batch-size"}, &n_batch, 1, 1 << 24, "tokens per forward pass, at most -c (default 2048)");
+  p.AddInt({"--chunks"}, &chunks, 1, 1 << 30, "score only the first N chunks (default: all)");
+  p.AddInt({"-t", "--threads"}, &threads, 1, 1024, "threads (default: all cores)");
+  p.AddFlag({"--kl-divergence"}, &kl, "also run the fp16 full cache and report KL(full || this cache) per token");
+  p.AddFlag({"-q", "--quiet"}, &quiet, "no running values or progress bar");
+  AddKvFlags(p, &kv);
+  p.AddFlag({"-h", "--help"}, &help, "show this help");
+  if (Status s = p.Parse(argc, argv, 2); !s.ok()) return UsageError("perplexity", p, s);
+  if (help) {
+    std::printf("%s", p.Usage().c_str());
+    return kExitOk;
+  }
+  if (model_path.empty()) return UsageError("perplexity", p, InvalidArgument("-m: a model file is required"));
+  if (text_file.empty()) return UsageError("perplexity", p, InvalidArgument("-f: a text file is required"));
+  if (Status s = ValidateKvFlags(p, kv); !s.ok()) return UsageError("perplexity", p, s);
+
+  auto model = Model::Load(model_path);
+  if (!model.ok()) return Fail("perplexity", model.status());
+  const Model& m = **model;
+  auto text = ReadWholeFile(text_file);
+  if (!text.ok()) return Fail("perplexity", text.status());
+  const std::vector<int32_t> tokens = m.tokenizer().Encode(*text, true);
+  const KvModelInfo info = ModelInfoFor(m, model_path);
+  auto cache = CreateKvCache(kv, info, n_ctx);
+  if (!cache.ok()) return Fail("perplexity", cache.status());
+  std::unique_ptr<KvCache> reference;
+  if (kl) {
+    auto ref = CreateKvCache(KvConfig{}, info, n_ctx);
+    if (!ref.ok()) return Fail("perplexity", ref.status());
+    reference = std::move(*ref);
+  }
+  ThreadPool pool(threads);
+  SetBlasThreads(threads);
+  const int n_chunks_total = static_cast<int>(tokens.size() / n_ctx);
+  const int n_chunks = chunks > 0 ? std::min(chunks, n_chunks_total) : n_chunks_total;
+  std::fprintf(stderr, "perplexity: %zu tokens, %d chunks of %d, kv cache %s\n", tokens.size(), n_chunks, n_ctx,
+               (*cache)->name().c_str());
+  ProgressBar bar("perplexity", n_chunks, !quiet);
+  PerplexityOptions opt{n_ctx, n_batch, chunks};
+  auto r = ComputePerplexity(m, tokens, **cache, reference.get(), opt, pool, [&](int c, int n, double ppl) {
+    if (!quiet) {
+      std::printf("[%d]%.4f,", c, ppl);
+      std::fflush(stdout);
+    }
+    bar.Update(c, "ppl " + std::to_string(ppl));
+  });
+  bar.Finish();
+  if (!quiet) std::printf("\n");
+  if (!r.ok()) return Fail("perplexity", r.status());
+  std::printf("tokens/s = %.1f (%lld tokens in %.2f s)\n", n_chunks * static_cast<double>(n_ctx) / r->seconds,
+              static_cast<long long>(n_chunks) * n_ctx, r->seconds);
+  std::printf("KV bytes/token = %.1f\n", r->kv_bytes_per_token);
+  std::printf("KV fraction = %.4f\n", r->kv_fraction);
+  if (r->has_kl) {
+    std::printf("KL = %.6f +/- %.6f\n", r->kl_mean, r->kl_err);
+    std::printf("same top-1 = %.4f\n", r->same_top1);
+  }
+  std::printf("PPL = %.4f +/- %.5f\n", r->ppl, r->ppl_err);
+  return kExitOk;
+}
+
+}  // namespace dk::cli

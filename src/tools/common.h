@@ -1,0 +1,33 @@
+// Pieces shared by the CLI subcommands: flag groups, exit-code policy, model loading.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "core/status.h"
+#include "kv/registry.h"
+#include "model/llama.h"
+#include "tools/args.h"
+
+namespace dk::cli {
+
+constexpr int kExitOk = 0;
+constexpr int kExitError = 1;  // the command ran and failed (bad file, I/O, ...)
+constexpr int kExitUsage = 2;  // bad flags or values
+
+// Prints "dynakv <cmd>: <message>" and the usage to stderr; returns kExitUsage.
+int UsageError(const std::string& command, const ArgParser& parser, const Status& status);
+// Prints "dynakv <cmd>: error: <message>" to stderr; returns kExitError.
+int Fail(const std::string& command, const Status& status);
+
+int DefaultThreads();
+void AddKvFlags(ArgParser& p, KvConfig* kv);
+// Cross-flag checks of the KV options (e.g. --rank only with uniform). InvalidArgument names the flag.
+Status ValidateKvFlags(const ArgParser& p, const KvConfig& kv);
+KvModelInfo ModelInfoFor(const Model& model, const std::string& path);
+
+int CmdInfo(int argc, char** argv);
+int CmdGenerate(int argc, char** argv);
+int CmdPerplexity(int argc, char** argv);
+
+}  // namespace dk::cli
