@@ -47,7 +47,7 @@ class Tokenizer {
   // Encodes text. add_special: prepend BOS / append EOS as the file says.
   // Special-token text in the input is NOT parsed (like llama.cpp with parse_special=false).
   std::vector<int32_t> Encode(const std::string& text, bool add_special) const;
-  // Text of one token as it should be printed (▁ -> space, <0xXX> -> the byte, control -> "").
+  // Text of one token as printed (▁ -> space, <0xXX> -> the byte, control tokens -> their text, e.g. "<s>").
   std::string TokenToPiece(int32_t id) const;
   // Decodes a sequence (byte tokens joined into UTF-8; no leading-space stripping).
   std::string Decode(const std::vector<int32_t>& ids) const;

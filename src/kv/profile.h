@@ -1,0 +1,52 @@
+// A calibrated DynaKV profile: per layer, for keys and for values, an orthonormal basis shared by
+// all KV heads (columns by decreasing eigenvalue of the centred covariance), the mean, the
+// eigenvalues, and the model-wide rank levels. File format: docs/profile_format.md.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/status.h"
+
+namespace dk {
+
+struct KvModelInfo;
+
+// One of K or V in one layer. D = n_head_kv * head_dim.
+struct BasisSet {
+  std::vector<float> basis;        // [D][D] row-major: basis[i * D + j] = component i of direction j
+  std::vector<float> mean;         // [D]
+  std::vector<double> eigenvalues; // [D], decreasing (variance along each direction)
+};
+
+struct DynaKvProfile {
+  static constexpr uint32_t kFormatVersion = 1;
+  uint64_t model_fingerprint = 0;  // Model::fingerprint() of the calibrated model
+  std::string model_name;          // for messages only
+  int n_layer = 0;
+  int n_head_kv = 0;
+  int head_dim = 0;
+  std::vector<int> levels;         // increasing ranks, each in [1, D], last == D
+  int64_t n_calib_tokens = 0;      // tokens the statistics were taken over
+  std::vector<BasisSet> k, v;      // [n_layer]
+
+  int kv_dim() const { return n_head_kv * head_dim; }
+  // Fraction of variance kept by the first r directions (sum of top-r eigenvalues / total).
+  double ExplainedVariance(const BasisSet& b, int r) const;
+};
+
+// Default rank levels for width D: roughly geometric from 1 to D (for D = 128:
+// 1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128).
+std::vector<int> DefaultLevels(int D);
+// Checks structure: sizes, levels increasing and ending at D, finite numbers.
+Status ValidateProfile(const DynaKvProfile& p, const std::string& origin);
+
+// Written to a temporary file, then renamed. Little-endian, with a CRC-32 over the payload.
+Status SaveProfile(const DynaKvProfile& p, const std::string& path);
+// Rejects bad magic/version, truncation, checksum mismatch; every message names the file.
+StatusOr<DynaKvProfile> LoadProfile(const std::string& path);
+// Refuses a profile calibrated for another model (fingerprint or shape mismatch), with a clear message.
+Status CheckProfileMatchesModel(const DynaKvProfile& p, const KvModelInfo& model, const std::string& profile_path);
+
+}  // namespace dk
