@@ -36,7 +36,7 @@ int CmdGenerate(int argc, char** argv) {
     return kExitOk;
   }
   if (model_path.empty()) return UsageError("generate", p, InvalidArgument("-m: a model file is required"));
-  if (p.WasSet("-p") + p.WasSet("--prompt") + p.WasSet("-f") + p.WasSet("--file") != 1)
+  if (p.WasSet("-p") + p.WasSet("-f") != 1)
     return UsageError("generate", p, InvalidArgument("-p: give exactly one of -p TEXT or -f FILE"));
   if (Status s = ValidateKvFlags(p, kv); !s.ok()) return UsageError("generate", p, s);
   if (!prompt_file.empty()) {

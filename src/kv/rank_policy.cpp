@@ -1,0 +1,95 @@
+// Flag checking and the factory for rank policies; the policies live in rank_policy_*.cpp.
+#include "kv/rank_policy.h"
+
+#include <algorithm>
+#include <cmath>
+#include <sstream>
+
+#include "kv/registry.h"
+
+namespace dk {
+
+namespace {
+
+std::string Num(double x) {
+  std::ostringstream s;
+  s << x;
+  return s.str();
+}
+
+bool IsSet(int rank) { return rank != -1; }
+bool IsSet(double value) { return value != -1.0; }
+
+// Cache fraction of a token whose latents have r_k + r_v numbers (metadata included).
+double FractionFor(int latent_elems, const RankPolicyContext& ctx) {
+  return ctx.cost.Bytes(latent_elems, 1) / (4.0 * ctx.kv_dim);
+}
+
+Status CheckBudget(double budget, int min_rank, const RankPolicyContext& ctx) {
+  if (!(budget > 0.0 && budget <= 1.0))
+    return InvalidArgument("--kv-budget: expected a fraction of the fp16 full cache in (0, 1], found " + Num(budget));
+  const double lowest = FractionFor(2 * min_rank, ctx);
+  if (budget < lowest) {
+    return InvalidArgument("--kv-budget: " + Num(budget) + " is below the smallest fraction this cache can hold (" +
+                           Num(lowest) + ": rank " + std::to_string(min_rank) + " for K and V plus " +
+                           std::to_string(ctx.cost.meta_bytes) + " bytes of metadata per token per layer)");
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+TokenRanks UniformRanksForBudget(double budget, const RankPolicyContext& ctx) {
+  const int D = ctx.kv_dim;
+  const double per_token = budget * 4.0 * D;  // bytes per token per layer allowed
+  const double latent_bytes = per_token - ctx.cost.meta_bytes - ctx.cost.index_bytes_per_token;
+  int total = static_cast<int>(std::lround(latent_bytes / ctx.cost.elem_bytes));
+  total = std::clamp(total, 2, 2 * D);
+  // Keys get the odd number: scores are more sensitive to key error than outputs to value error.
+  return TokenRanks{std::min(D, (total + 1) / 2), std::max(1, total / 2)};
+}
+
+double MinBudgetFraction(const RankPolicyContext& ctx) {
+  return FractionFor(2 * (ctx.levels.empty() ? 1 : ctx.levels.front()), ctx);
+}
+
+StatusOr<std::unique_ptr<RankPolicy>> CreateRankPolicy(const KvConfig& config, const RankPolicyContext& ctx) {
+  const int D = ctx.kv_dim;
+  const std::string& name = config.rank_policy;
+  if (name != "uniform" && name != "energy")
+    return InvalidArgument("--rank-policy: unknown rank policy '" + name + "' (known: uniform, energy)");
+  const bool has_rank = IsSet(config.rank), has_tau = IsSet(config.tau), has_budget = IsSet(config.kv_budget);
+  if (name == "uniform" && has_tau)
+    return InvalidArgument("--tau: only the energy rank policy takes --tau (--rank-policy is uniform; use --rank)");
+  if (name == "energy" && has_rank)
+    return InvalidArgument("--rank: only the uniform rank policy takes --rank (--rank-policy is energy; use --tau)");
+  if (has_budget && has_rank)
+    return InvalidArgument("--rank: give --rank or --kv-budget, not both (--kv-budget chooses the ranks)");
+  if (has_budget && has_tau)
+    return InvalidArgument("--tau: give --tau or --kv-budget, not both (--kv-budget chooses tau)");
+
+  if (name == "uniform") {
+    if (has_budget) {
+      DK_RETURN_IF_ERROR(CheckBudget(config.kv_budget, 1, ctx));
+      const TokenRanks r = UniformRanksForBudget(config.kv_budget, ctx);
+      return MakeUniformRankPolicy(r.r_k, r.r_v);
+    }
+    if (!has_rank)
+      return InvalidArgument("--rank: the uniform rank policy needs --rank R (1.." + std::to_string(D) +
+                             ") or --kv-budget F");
+    if (config.rank < 1 || config.rank > D)
+      return InvalidArgument("--rank: expected a rank in [1, " + std::to_string(D) + "] (D = KV heads x head size), found " +
+                             std::to_string(config.rank));
+    return MakeUniformRankPolicy(config.rank, config.rank);
+  }
+  if (has_budget) {
+    DK_RETURN_IF_ERROR(CheckBudget(config.kv_budget, ctx.levels.front(), ctx));
+    return MakeEnergyBudgetRankPolicy(ctx, config.kv_budget);
+  }
+  if (!has_tau) return InvalidArgument("--tau: the energy rank policy needs --tau X in [0, 1] or --kv-budget F");
+  if (!(config.tau >= 0.0 && config.tau <= 1.0))
+    return InvalidArgument("--tau: expected a fraction of latent energy in [0, 1], found " + Num(config.tau));
+  return MakeEnergyRankPolicy(ctx, config.tau);
+}
+
+}  // namespace dk

@@ -1,0 +1,129 @@
+// The dynakv binary on good and bad input: exit codes (0 ok, 1 error, 2 usage) and messages.
+#include <gtest/gtest.h>
+#include <gmock/gmock.h>
+
+#include <fstream>
+
+#include "test_util.h"
+
+namespace dk {
+namespace {
+
+using test::DataPath;
+using test::RunCli;
+using ::testing::HasSubstr;
+
+const std::string kBrown = DataPath("brown-kjv-llama-6M-f32.gguf");
+const std::string kStories = DataPath("stories260K.gguf");
+
+int CountLines(const std::string& s, const std::string& needle) {
+  int n = 0;
+  for (size_t p = 0; (p = s.find(needle, p)) != std::string::npos; ++p) ++n;
+  return n;
+}
+
+TEST(Cli, InfoPrintsShapesAndKvBytes) {
+  auto r = RunCli("info -m " + kBrown);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("n_head_kv       2"));
+  EXPECT_THAT(r.out, HasSubstr("kv bytes/token  3072 (fp16), 6144 (fp32)"));
+}
+
+TEST(Cli, UnknownFlagIsOneLineAndExit2) {
+  for (const char* cmd : {"info", "generate", "perplexity"}) {
+    auto r = RunCli(std::string(cmd) + " -m " + kStories + " --frobnicate 3");
+    EXPECT_EQ(r.exit_code, 2) << cmd;
+    EXPECT_THAT(r.err, HasSubstr("unknown flag '--frobnicate'")) << cmd;
+    EXPECT_EQ(CountLines(r.err, "frobnicate"), 1) << r.err;
+    EXPECT_THAT(r.err, HasSubstr("usage: dynakv " + std::string(cmd)));
+  }
+}
+
+TEST(Cli, BadValuesNameTheFlag) {
+  struct Case {
+    std::string args, needle;
+  } cases[] = {
+      {"perplexity -m " + kStories + " -f x -c abc", "-c: expected an integer"},
+      {"perplexity -m " + kStories + " -f x -c 0", "-c: expected an integer in [4,"},
+      {"generate -m " + kStories + " -p hi --temp -1", "--temp: expected a number"},
+      {"generate -m " + kStories + " -p hi --top-p 2", "--top-p: expected a number"},
+      {"generate -m " + kStories + " -p hi -t", "-t: missing value"},
+      {"generate -m " + kStories + " -p hi --seed -5", "--seed: expected a non-negative integer"},
+      {"generate -m " + kStories, "-p: give exactly one of"},
+      {"perplexity -f x", "-m: a model file is required"},
+      {"generate -m " + kStories + " -p hi --rank 8", "--rank: only meaningful with --kv dynakv"},
+      {"frobnicate", "unknown command 'frobnicate'"},
+  };
+  for (const Case& c : cases) {
+    auto r = RunCli(c.args);
+    EXPECT_EQ(r.exit_code, 2) << c.args << "\n" << r.err;
+    EXPECT_THAT(r.err, HasSubstr(c.needle)) << c.args;
+  }
+}
+
+TEST(Cli, MissingFileIsAnErrorNamingIt) {
+  auto r = RunCli("info -m /nonexistent/model.gguf");
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.err, HasSubstr("/nonexistent/model.gguf"));
+  EXPECT_THAT(r.err, HasSubstr("No such file"));
+  r = RunCli("perplexity -m " + kStories + " -f /nonexistent/text.txt");
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.err, HasSubstr("/nonexistent/text.txt"));
+}
+
+TEST(Cli, NonGgufFileIsRejected) {
+  const std::string path = ::testing::TempDir() + "not_a_model.gguf";
+  std::ofstream(path) << "this is plain text, not a GGUF model file at all\n";
+  for (const char* cmd : {"info", "generate -p hi", "perplexity -f " }) {
+    std::string args = std::string(cmd) + " -m " + path;
+    if (std::string(cmd).rfind("perplexity", 0) == 0) args = "perplexity -f " + DataPath("valid.txt") + " -m " + path;
+    auto r = RunCli(args);
+    EXPECT_EQ(r.exit_code, 1) << args;
+    EXPECT_THAT(r.err, HasSubstr(path)) << args;
+    EXPECT_THAT(r.err, HasSubstr("magic")) << args;
+  }
+}
+
+TEST(Cli, PromptLongerThanContextIsAnError) {
+  auto r = RunCli("generate -m " + kStories + " -c 8 -n 4 -p 'Once upon a time there was a little girl named Lily who'");
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.err, HasSubstr("more than the context size 8"));
+}
+
+TEST(Cli, TextTooShortForPerplexityIsAnError) {
+  const std::string path = ::testing::TempDir() + "short.txt";
+  std::ofstream(path) << "In the beginning.";
+  auto r = RunCli("perplexity -m " + kStories + " -f " + path + " -c 128");
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.err, HasSubstr("at least 2 * n_ctx"));
+}
+
+TEST(Cli, GreedyGenerationPrintsTextAndSpeeds) {
+  auto r = RunCli("generate -m " + kStories + " -p 'Once upon a time' -n 16 --temp 0 -t 2");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("<s> Once upon a time, there was a little girl named Lily."));
+  EXPECT_THAT(r.err, HasSubstr("prefill: 5 tokens"));
+  EXPECT_THAT(r.err, HasSubstr("decode:  15 tokens"));
+  EXPECT_THAT(r.err, HasSubstr("tokens/s"));
+}
+
+TEST(Cli, SamplingIsReproducibleWithASeed) {
+  const std::string args = "generate -m " + kStories + " -p 'Once upon a time' -n 24 --temp 1.0 --seed 42";
+  auto a = RunCli(args), b = RunCli(args), c = RunCli(args + "1");
+  ASSERT_EQ(a.exit_code, 0) << a.err;
+  EXPECT_EQ(a.out, b.out);
+  EXPECT_NE(a.out, c.out);
+}
+
+TEST(Cli, PerplexityEndsWithThePplLine) {
+  auto r = RunCli("perplexity -m " + kStories + " -f " + DataPath("valid.txt") + " -c 128 --chunks 4 -t 2");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("[1]"));
+  EXPECT_THAT(r.out, HasSubstr("KV fraction = 1.0000"));
+  const std::string last = r.out.substr(r.out.rfind("PPL = "));
+  EXPECT_EQ(last.find('\n'), last.size() - 1) << "PPL line must be last: " << r.out;
+  EXPECT_THAT(r.err, HasSubstr("perplexity ["));  // progress bar
+}
+
+}  // namespace
+}  // namespace dk

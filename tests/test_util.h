@@ -1,0 +1,57 @@
+// Shared helpers for tests: test-data paths, running the CLI, reading reference files.
+#pragma once
+
+#include <sys/wait.h>
+
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace dk::test {
+
+inline std::string DataPath(const std::string& name) { return std::string(DK_TEST_DATA) + "/" + name; }
+
+inline std::string ReadText(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+struct CliResult {
+  int exit_code = -1;
+  std::string out;  // stdout
+  std::string err;  // stderr
+};
+
+// Runs the built dynakv binary with `args` (already shell-quoted), capturing stdout and stderr.
+inline CliResult RunCli(const std::string& args) {
+  static int counter = 0;
+  const std::string base = ::testing::TempDir() + "dk_cli_" + std::to_string(::getpid()) + "_" + std::to_string(counter++);
+  const std::string cmd = std::string(DK_CLI_PATH) + " " + args + " >" + base + ".out 2>" + base + ".err </dev/null";
+  const int rc = std::system(cmd.c_str());
+  CliResult r;
+  r.exit_code = WIFEXITED(rc) ? WEXITSTATUS(rc) : 128 + (WIFSIGNALED(rc) ? WTERMSIG(rc) : 0);
+  r.out = ReadText(base + ".out");
+  r.err = ReadText(base + ".err");
+  std::remove((base + ".out").c_str());
+  std::remove((base + ".err").c_str());
+  return r;
+}
+
+// Parses llama.cpp's running perplexity line "[1]87.8945,[2]65.1777,..." into values.
+inline std::vector<double> ParseRunningPpl(const std::string& text) {
+  std::vector<double> v;
+  size_t p = 0;
+  while ((p = text.find('[', p)) != std::string::npos) {
+    const size_t close = text.find(']', p);
+    if (close == std::string::npos) break;
+    v.push_back(std::stod(text.substr(close + 1)));
+    p = close + 1;
+  }
+  return v;
+}
+
+}  // namespace dk::test
