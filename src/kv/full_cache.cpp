@@ -1,6 +1,7 @@
 #include "kv/full_cache.h"
 
 #include <cmath>
+#include <algorithm>
 #include <cstring>
 
 #include <cblas.h>
@@ -9,6 +10,7 @@
 #include "core/threads.h"
 #include "ops/attention.h"
 #include "ops/ops.h"
+#include "ops/simd.h"
 
 namespace dk {
 
@@ -50,36 +52,33 @@ void FullKvCache::Attend(int layer, const KvPlan& plan, const float* q, float* o
     AttendGemm(layer, plan, q, out, pool);
     return;
   }
-  const int d = shape_.head_dim, Hq = shape_.n_head, Hkv = shape_.n_head_kv, group = Hq / Hkv;
+  // Decode path: one work item per (query, head), reading the stored rows directly.
+  const int d = shape_.head_dim, Hq = shape_.n_head, group = Hq / shape_.n_head_kv;
   const int64_t D = shape_.kv_dim();
-  const int T = plan.first + plan.n;  // cells visible to the last query
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  // Work items: one per kv head; each converts its rows once and serves its query heads.
-  pool.ParallelFor(Hkv, [&](int64_t begin, int64_t end, int) {
-    std::vector<float> kf, vf, scores(T);
-    for (int64_t g = begin; g < end; ++g) {
-      const float* kr;
-      const float* vr;
-      int64_t stride = d;
+  pool.ParallelFor(static_cast<int64_t>(plan.n) * Hq, [&](int64_t begin, int64_t end, int) {
+    std::vector<float> scores(plan.first + plan.n);
+    for (int64_t item = begin; item < end; ++item) {
+      const int i = static_cast<int>(item / Hq), h = static_cast<int>(item % Hq), g = h / group;
+      const int T = plan.first + i + 1;
+      const float* qi = q + static_cast<int64_t>(i) * Hq * d + h * d;
+      float* oi = out + static_cast<int64_t>(i) * Hq * d + h * d;
       if (dtype_ == KvDtype::kF32) {
-        kr = reinterpret_cast<const float*>(k_[layer].data()) + g * d;
-        vr = reinterpret_cast<const float*>(v_[layer].data()) + g * d;
-        stride = D;
-      } else {
-        kf.resize(static_cast<size_t>(T) * d);
-        vf.resize(static_cast<size_t>(T) * d);
-        ConvertHead(k_[layer], g, T, kf.data());
-        ConvertHead(v_[layer], g, T, vf.data());
-        kr = kf.data();
-        vr = vf.data();
+        const float* kr = reinterpret_cast<const float*>(k_[layer].data()) + g * d;
+        const float* vr = reinterpret_cast<const float*>(v_[layer].data()) + g * d;
+        AttendOne(qi, kr, vr, D, T, d, scale, oi, scores.data());
+        continue;
       }
-      for (int i = 0; i < plan.n; ++i) {
-        for (int64_t h = g * group; h < (g + 1) * group; ++h) {
-          const float* qi = q + static_cast<int64_t>(i) * Hq * d + h * d;
-          float* oi = out + static_cast<int64_t>(i) * Hq * d + h * d;
-          AttendOne(qi, kr, vr, stride, plan.first + i + 1, d, scale, oi, scores.data());
-        }
+      const auto* k16 = reinterpret_cast<const uint16_t*>(k_[layer].data()) + g * d;
+      const auto* v16 = reinterpret_cast<const uint16_t*>(v_[layer].data()) + g * d;
+      float mx = -INFINITY;
+      for (int t = 0; t < T; ++t) {
+        scores[t] = DotF16(qi, k16 + t * D, d) * scale;
+        mx = std::max(mx, scores[t]);
       }
+      const float inv = 1.0f / ExpShiftSum(scores.data(), T, mx);
+      std::fill(oi, oi + d, 0.0f);
+      for (int t = 0; t < T; ++t) AxpyF16(scores[t] * inv, v16 + t * D, oi, d);
     }
   });
 }

@@ -42,6 +42,16 @@ std::vector<int> DefaultLevels(int D);
 // Checks structure: sizes, levels increasing and ending at D, finite numbers.
 Status ValidateProfile(const DynaKvProfile& p, const std::string& origin);
 
+// Checks user-given levels for width D: each in [1, D], strictly increasing; D is appended when the
+// last is below D. InvalidArgument names the offending value. Empty input gives DefaultLevels(D).
+StatusOr<std::vector<int>> NormalizeLevels(std::vector<int> levels, int D);
+// Exact size in bytes of the file SaveProfile writes for p.
+uint64_t ProfileFileBytes(const DynaKvProfile& p);
+// The serialized file contents (what SaveProfile writes).
+std::vector<uint8_t> SerializeProfile(const DynaKvProfile& p);
+// Human-readable table: explained variance per layer and level, for K and V.
+std::string ExplainedVarianceTable(const DynaKvProfile& p);
+
 // Written to a temporary file, then renamed. Little-endian, with a CRC-32 over the payload.
 Status SaveProfile(const DynaKvProfile& p, const std::string& path);
 // Rejects bad magic/version, truncation, checksum mismatch; every message names the file.

@@ -1,5 +1,6 @@
 #include "kv/registry.h"
 
+#include "kv/dynakv_cache.h"
 #include "kv/full_cache.h"
 
 namespace dk {
@@ -18,6 +19,7 @@ StatusOr<std::unique_ptr<KvCache>> CreateFull(const KvConfig& config, const KvMo
 const std::vector<KvMethod>& KvMethods() {
   static const std::vector<KvMethod> methods = {
       {"full", "uncompressed keys and values (fp16 or fp32)", &CreateFull},
+      {"dynakv", "low-rank latents on a calibrated basis, each token its own rank (--profile)", &CreateDynaKvCache},
   };
   return methods;
 }

@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "ops/ops.h"
+#include "ops/simd.h"
 
 namespace dk {
 
@@ -13,12 +14,7 @@ void AttendOne(const float* q, const float* k, const float* v, int64_t stride, i
     scores[t] = Dot(q, k + t * stride, d) * scale;
     mx = scores[t] > mx ? scores[t] : mx;
   }
-  float sum = 0.0f;
-  for (int t = 0; t < T; ++t) {
-    scores[t] = std::exp(scores[t] - mx);
-    sum += scores[t];
-  }
-  const float inv = 1.0f / sum;
+  const float inv = 1.0f / ExpShiftSum(scores, T, mx);
   for (int i = 0; i < d; ++i) out[i] = 0.0f;
   for (int t = 0; t < T; ++t) Axpy(scores[t] * inv, v + t * stride, out, d);
 }

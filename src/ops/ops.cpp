@@ -3,6 +3,8 @@
 #include <cblas.h>
 
 #include <cmath>
+
+#include "ops/simd.h"
 #include <vector>
 
 namespace dk {
@@ -68,12 +70,7 @@ void SwiGlu(const float* gate, const float* up, float* out, int64_t n) {
 void Softmax(float* x, int n) {
   float mx = x[0];
   for (int i = 1; i < n; ++i) mx = x[i] > mx ? x[i] : mx;
-  float sum = 0.0f;
-  for (int i = 0; i < n; ++i) {
-    x[i] = std::exp(x[i] - mx);
-    sum += x[i];
-  }
-  const float inv = 1.0f / sum;
+  const float inv = 1.0f / ExpShiftSum(x, n, mx);
   for (int i = 0; i < n; ++i) x[i] *= inv;
 }
 

@@ -24,7 +24,7 @@ void Rope(float* x, const int32_t* pos, int n, int n_heads, int head_dim, int n_
 // out[i] = silu(gate[i]) * up[i].
 void SwiGlu(const float* gate, const float* up, float* out, int64_t n);
 
-// In-place softmax of x[n]; returns nothing; max-subtracted, sums in double... in float with max subtraction.
+// In-place softmax of x[n] (max-subtracted, vectorized exp).
 void Softmax(float* x, int n);
 
 // Adds bias[dim] to each of n rows.

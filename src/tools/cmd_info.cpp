@@ -2,15 +2,18 @@
 #include <cstdio>
 
 #include "kv/full_cache.h"
+#include "kv/profile.h"
 #include "tools/common.h"
 
 namespace dk::cli {
 
 int CmdInfo(int argc, char** argv) {
-  std::string model_path;
+  std::string model_path, profile_path;
   bool help = false, tensors = false;
   ArgParser p("info", "print a model's metadata, shapes and KV cache bytes per token");
   p.AddString({"-m", "--model"}, &model_path, "FILE", "GGUF model file (required)");
+  p.AddString({"--profile"}, &profile_path, "FILE",
+              "also check a DynaKV profile against the model and print its explained variance per layer and level");
   p.AddFlag({"--tensors"}, &tensors, "also list every tensor with its type and shape");
   p.AddFlag({"-h", "--help"}, &help, "show this help");
   if (Status s = p.Parse(argc, argv, 2); !s.ok()) return UsageError("info", p, s);
@@ -46,6 +49,22 @@ int CmdInfo(int argc, char** argv) {
     for (const GgufTensorInfo& t : g.tensors())
       std::printf("  %-28s %-6s %s\n", t.name.c_str(), TypeName(static_cast<uint32_t>(t.type)).c_str(),
                   t.shape_string().c_str());
+  }
+  if (!profile_path.empty()) {
+    auto profile = LoadProfile(profile_path);
+    if (!profile.ok()) return Fail("info", profile.status());
+    if (Status st = CheckProfileMatchesModel(*profile, ModelInfoFor(m, model_path), profile_path); !st.ok())
+      return Fail("info", st);
+    std::string levels;
+    for (int r : profile->levels) {
+      if (!levels.empty()) levels += ',';
+      levels += std::to_string(r);
+    }
+    std::printf("profile         %s (%llu bytes, format v%u, calibrated on %lld tokens)\n", profile_path.c_str(),
+                static_cast<unsigned long long>(ProfileFileBytes(*profile)), DynaKvProfile::kFormatVersion,
+                static_cast<long long>(profile->n_calib_tokens));
+    std::printf("profile levels  %s\n", levels.c_str());
+    std::printf("%s", ExplainedVarianceTable(*profile).c_str());
   }
   return kExitOk;
 }

@@ -29,5 +29,6 @@ KvModelInfo ModelInfoFor(const Model& model, const std::string& path);
 int CmdInfo(int argc, char** argv);
 int CmdGenerate(int argc, char** argv);
 int CmdPerplexity(int argc, char** argv);
+int CmdCalibrate(int argc, char** argv);
 
 }  // namespace dk::cli

@@ -14,6 +14,7 @@ void PrintUsage(FILE* out) {
                "  info        model metadata, shapes and KV bytes per token (--profile: explained variance)\n"
                "  generate    generate text from a prompt\n"
                "  perplexity  perplexity of a text file, as llama.cpp's perplexity tool computes it\n"
+               "  calibrate   fit a DynaKV profile (joint PCA bases of keys and values) on calibration text\n"
                "run 'dynakv <command> --help' for its flags\n");
 }
 
@@ -33,6 +34,7 @@ int main(int argc, char** argv) {
   if (cmd == "info") return CmdInfo(argc, argv);
   if (cmd == "generate") return CmdGenerate(argc, argv);
   if (cmd == "perplexity") return CmdPerplexity(argc, argv);
+  if (cmd == "calibrate") return CmdCalibrate(argc, argv);
   std::fprintf(stderr, "dynakv: unknown command '%s'\n", cmd.c_str());
   PrintUsage(stderr);
   return kExitUsage;

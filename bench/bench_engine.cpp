@@ -1,0 +1,163 @@
+// Engine speed: prefill and decode tokens/s, attention time per token, KV bytes per token, for
+// each cache configuration, at 1 and 2 threads and context 128 / 1024 — all in one run so
+// ratios against the full cache are measured under the same machine noise.
+//
+//   build/bench_engine [--model=M.gguf] [--profile=P.dkv] [--kv=full,dynakv:uniform:0.5,...]
+//                      [google-benchmark flags, e.g. --benchmark_repetitions=3]
+// A kv spec is "full", "full-f32", or "dynakv:<policy>:<fraction>" (needs --profile).
+#include <benchmark/benchmark.h>
+
+#include <cstring>
+#include <sstream>
+
+#include "core/threads.h"
+#include "kv/registry.h"
+#include "kv/timed_cache.h"
+#include "model/llama.h"
+
+namespace {
+
+std::string g_model = std::string(DK_BENCH_DATA) + "/brown-kjv-llama-6M-f32.gguf";
+std::string g_profile;
+std::vector<std::string> g_kv_specs = {"full"};
+std::unique_ptr<dk::Model> g_loaded;
+
+const dk::Model& GetModel() {
+  if (!g_loaded) {
+    auto m = dk::Model::Load(g_model);
+    if (!m.ok()) {
+      std::fprintf(stderr, "bench_engine: %s\n", m.status().ToString().c_str());
+      std::exit(1);
+    }
+    g_loaded = std::move(m).value();
+  }
+  return *g_loaded;
+}
+
+dk::KvConfig ParseSpec(const std::string& spec) {
+  dk::KvConfig c;
+  if (spec == "full") return c;
+  if (spec == "full-f32") {
+    c.dtype = "f32";
+    return c;
+  }
+  std::stringstream ss(spec);
+  std::string method, policy, frac;
+  std::getline(ss, method, ':');
+  std::getline(ss, policy, ':');
+  std::getline(ss, frac, ':');
+  c.method = method;
+  c.rank_policy = policy;
+  c.kv_budget = std::stod(frac);
+  c.profile_path = g_profile;
+  return c;
+}
+
+std::unique_ptr<dk::TimedKvCache> MakeCache(const std::string& spec, int capacity, benchmark::State& state) {
+  const dk::Model& m = GetModel();
+  auto cache = dk::CreateKvCache(ParseSpec(spec), dk::KvModelInfo{m.config().kv_shape(), m.fingerprint(), g_model},
+                                 capacity);
+  if (!cache.ok()) {
+    state.SkipWithError(cache.status().ToString().c_str());
+    return nullptr;
+  }
+  return std::make_unique<dk::TimedKvCache>(std::move(cache).value());
+}
+
+// Deterministic pseudo-text: token ids spread over the vocabulary (content does not change speed).
+std::vector<int32_t> Tokens(int n, int vocab) {
+  std::vector<int32_t> t(n);
+  for (int i = 0; i < n; ++i) t[i] = 3 + static_cast<int32_t>((i * 2654435761u) % (vocab - 3));
+  return t;
+}
+
+// Prefill of ctx tokens from an empty cache in one batch (llama-bench's ppN).
+void BM_Prefill(benchmark::State& state, const std::string& spec) {
+  const int threads = static_cast<int>(state.range(0)), ctx = static_cast<int>(state.range(1));
+  const dk::Model& m = GetModel();
+  dk::ThreadPool pool(threads);
+  dk::SetBlasThreads(threads);
+  auto cache = MakeCache(spec, ctx, state);
+  if (!cache) return;
+  dk::ForwardState st(m.config(), ctx);
+  std::vector<float> logits(m.config().n_vocab);
+  const auto toks = Tokens(ctx, m.config().n_vocab);
+  for (auto _ : state) {
+    cache->Clear();
+    if (!m.Forward(toks.data(), ctx, *cache, st, logits.data(), false, pool).ok()) state.SkipWithError("forward failed");
+  }
+  state.counters["tok/s"] = benchmark::Counter(static_cast<double>(ctx), benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["attn_us/tok"] = 1e6 * cache->attend_seconds() / (static_cast<double>(state.iterations()) * ctx);
+  state.counters["kv_B/tok"] = static_cast<double>(cache->BytesUsed()) / ctx;
+}
+
+// Decode: the cache is prefilled to ctx - 32 tokens, then 32 single-token steps end at ctx.
+void BM_Decode(benchmark::State& state, const std::string& spec) {
+  const int threads = static_cast<int>(state.range(0)), ctx = static_cast<int>(state.range(1));
+  constexpr int kSteps = 32;
+  const dk::Model& m = GetModel();
+  dk::ThreadPool pool(threads);
+  dk::SetBlasThreads(threads);
+  auto cache = MakeCache(spec, ctx, state);
+  if (!cache) return;
+  dk::ForwardState st(m.config(), ctx - kSteps);
+  std::vector<float> logits(m.config().n_vocab);
+  const auto toks = Tokens(ctx, m.config().n_vocab);
+  double attn = 0.0;
+  for (auto _ : state) {
+    state.PauseTiming();
+    cache->Clear();
+    if (!m.Forward(toks.data(), ctx - kSteps, *cache, st, logits.data(), false, pool).ok()) state.SkipWithError("prefill");
+    cache->ResetTimer();
+    state.ResumeTiming();
+    for (int i = ctx - kSteps; i < ctx; ++i)
+      if (!m.Forward(&toks[i], 1, *cache, st, logits.data(), false, pool).ok()) state.SkipWithError("decode failed");
+    attn += cache->attend_seconds();
+  }
+  state.counters["tok/s"] = benchmark::Counter(kSteps, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["attn_us/tok"] = 1e6 * attn / (static_cast<double>(state.iterations()) * kSteps);
+  state.counters["kv_B/tok"] = static_cast<double>(cache->BytesUsed()) / ctx;
+}
+
+void ParseOwnFlags(int* argc, char** argv) {
+  int out = 1;
+  for (int i = 1; i < *argc; ++i) {
+    const std::string a = argv[i];
+    auto value = [&](const char* flag) { return a.substr(std::strlen(flag)); };
+    if (a.rfind("--model=", 0) == 0) {
+      g_model = value("--model=");
+    } else if (a.rfind("--profile=", 0) == 0) {
+      g_profile = value("--profile=");
+    } else if (a.rfind("--kv=", 0) == 0) {
+      g_kv_specs.clear();
+      std::stringstream ss(value("--kv="));
+      for (std::string s; std::getline(ss, s, ',');) g_kv_specs.push_back(s);
+    } else {
+      argv[out++] = argv[i];
+    }
+  }
+  *argc = out;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  ParseOwnFlags(&argc, argv);
+  for (const std::string& spec : g_kv_specs) {
+    benchmark::RegisterBenchmark(("prefill/" + spec).c_str(), BM_Prefill, spec)
+        ->ArgNames({"threads", "ctx"})
+        ->ArgsProduct({{1, 2}, {128, 1024}})
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime();
+    benchmark::RegisterBenchmark(("decode/" + spec).c_str(), BM_Decode, spec)
+        ->ArgNames({"threads", "ctx"})
+        ->ArgsProduct({{1, 2}, {128, 1024}})
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime();
+  }
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 2;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

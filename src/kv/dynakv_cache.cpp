@@ -1,0 +1,509 @@
+#include "kv/dynakv_cache.h"
+
+#include <algorithm>
+#include <cassert>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include <cblas.h>
+
+#include "core/fp16.h"
+#include "core/threads.h"
+#include "ops/ops.h"
+
+namespace dk {
+
+namespace {
+
+int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// C[n][D] = (X[n][D] - mu) U, U[i * D + j] = component i of direction j: one GEMM.
+void EncodeRows(const float* x, const BasisSet& b, int n, int D, float* xc, float* c) {
+  for (int i = 0; i < n; ++i) {
+    const float* xi = x + static_cast<int64_t>(i) * D;
+    float* o = xc + static_cast<int64_t>(i) * D;
+#pragma omp simd
+    for (int j = 0; j < D; ++j) o[j] = xi[j] - b.mean[j];
+  }
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, D, D, 1.0f, xc, D, b.basis.data(), D, 0.0f, c, D);
+}
+
+}  // namespace
+
+RecordCost DynaKvCache::CostFor(int kv_dim, KvDtype dtype) {
+  RecordCost c;
+  c.elem_bytes = dtype == KvDtype::kF16 ? 2 : 4;
+  c.meta_bytes = 2 * (kv_dim <= 256 ? 1 : 2);
+  c.index_bytes_per_token = static_cast<double>(sizeof(uint32_t)) / kIndexEvery;
+  return c;
+}
+
+DynaKvCache::DynaKvCache(const KvShape& shape, int capacity, KvDtype dtype, DynaKvProfile profile,
+                         std::unique_ptr<RankPolicy> policy)
+    : KvCache(shape, capacity),
+      dtype_(dtype),
+      profile_(std::move(profile)),
+      policy_(std::move(policy)),
+      meta_width_(shape.kv_dim() <= 256 ? 1 : 2),
+      cost_(CostFor(shape.kv_dim(), dtype)),
+      layers_(shape.n_layer) {
+  // First reservation: what the policy expects (exact for uniform); the arena grows if needed.
+  const double expect = std::clamp(policy_->ExpectedElemsPerToken(), 2.0, 2.0 * D());
+  for (LayerStore& s : layers_) {
+    s.meta.assign(static_cast<size_t>(capacity) * 2 * meta_width_, 0);
+    s.index.assign(static_cast<size_t>(CeilDiv(capacity, kIndexEvery)), 0);
+    Grow(s, static_cast<int64_t>(std::ceil(expect * capacity)));
+  }
+}
+
+std::string DynaKvCache::name() const {
+  return "dynakv-" + policy_->name() + (dtype_ == KvDtype::kF16 ? "-f16" : "-f32");
+}
+
+void DynaKvCache::OnClear() {
+  for (LayerStore& s : layers_) {
+    s.used = 0;
+    s.n = 0;
+  }
+  policy_->Reset();
+}
+
+size_t DynaKvCache::BytesUsed() const {
+  size_t bytes = 0;
+  for (const LayerStore& s : layers_) {
+    bytes += static_cast<size_t>(s.used) * cost_.elem_bytes;
+    bytes += static_cast<size_t>(s.n) * 2 * meta_width_;
+    bytes += static_cast<size_t>(CeilDiv(s.n, kIndexEvery)) * sizeof(uint32_t);
+  }
+  return bytes;
+}
+
+size_t DynaKvCache::BytesReserved() const {
+  size_t bytes = 0;
+  for (const LayerStore& s : layers_) bytes += s.arena.size() + s.meta.size() + s.index.size() * sizeof(uint32_t);
+  return bytes;
+}
+
+// Grows the arena to hold need_elems, by at least 1.5x (amortized appends), never past the worst
+// case capacity x 2D. Records are copied; nothing outside the cache points into the arena.
+void DynaKvCache::Grow(LayerStore& s, int64_t need_elems) {
+  if (need_elems <= s.arena_elems) return;
+  const int64_t worst = static_cast<int64_t>(capacity_) * 2 * D();
+  const int64_t elems = std::min(worst, std::max(need_elems, s.arena_elems + s.arena_elems / 2));
+  std::vector<uint8_t> bigger(static_cast<size_t>(elems) * cost_.elem_bytes);
+  std::memcpy(bigger.data(), s.arena.data(), static_cast<size_t>(s.used) * cost_.elem_bytes);
+  s.arena.swap(bigger);
+  s.arena_elems = elems;
+}
+
+void DynaKvCache::Append(LayerStore& s, const float* c, int r) {
+  if (dtype_ == KvDtype::kF16) {
+    Fp32ToFp16Row(c, reinterpret_cast<uint16_t*>(s.arena.data()) + s.used, r);
+  } else {
+    std::memcpy(reinterpret_cast<float*>(s.arena.data()) + s.used, c, static_cast<size_t>(r) * 4);
+  }
+  s.used += r;
+}
+
+void DynaKvCache::Write(int layer, const KvPlan& plan, const float* k, const float* v, const float* x) {
+  LayerStore& s = layers_[layer];
+  const int n = plan.n, Dk = D();
+  assert(plan.first <= s.n && "DynaKvCache::Write: tokens must be written in order");
+  if (plan.first < s.n) {  // rewriting a tail: drop it (offsets of earlier tokens stay valid)
+    std::vector<int> rk(s.n - plan.first), rv(s.n - plan.first);
+    std::vector<int64_t> off(s.n - plan.first);
+    DecodeBlock(s, plan.first, s.n, rk.data(), rv.data(), off.data());
+    s.used = off[0];
+    s.n = plan.first;
+  }
+  const size_t rows = static_cast<size_t>(n) * Dk;
+  xc_.resize(rows);
+  ck_.resize(rows);
+  cv_.resize(rows);
+  ranks_.resize(n);
+  EncodeRows(k, profile_.k[layer], n, Dk, xc_.data(), ck_.data());
+  EncodeRows(v, profile_.v[layer], n, Dk, xc_.data(), cv_.data());
+  policy_->Choose(layer, n, ck_.data(), cv_.data(), x, ranks_.data());
+
+  int64_t need = s.used;
+  for (TokenRanks& r : ranks_) {
+    r.r_k = std::clamp(r.r_k, 1, Dk);  // a policy bug must not corrupt the arena
+    r.r_v = std::clamp(r.r_v, 1, Dk);
+    need += r.r_k + r.r_v;
+  }
+  Grow(s, need);
+  for (int i = 0; i < n; ++i) {
+    const int t = plan.first + i;
+    if (t % kIndexEvery == 0) s.index[t / kIndexEvery] = static_cast<uint32_t>(s.used);
+    uint8_t* m = s.meta.data() + static_cast<size_t>(t) * 2 * meta_width_;
+    const int stored[2] = {ranks_[i].r_k - 1, ranks_[i].r_v - 1};
+    for (int w = 0; w < 2; ++w) {
+      m[w * meta_width_] = static_cast<uint8_t>(stored[w] & 0xFF);
+      if (meta_width_ == 2) m[w * meta_width_ + 1] = static_cast<uint8_t>(stored[w] >> 8);
+    }
+    Append(s, ck_.data() + static_cast<size_t>(i) * Dk, ranks_[i].r_k);
+    Append(s, cv_.data() + static_cast<size_t>(i) * Dk, ranks_[i].r_v);
+  }
+  s.n = plan.first + n;
+}
+
+void DynaKvCache::DecodeBlock(const LayerStore& s, int t0, int t1, int* rk, int* rv, int64_t* off) const {
+  const int block_start = t0 / kIndexEvery * kIndexEvery;
+  int64_t cur = s.index[t0 / kIndexEvery];
+  const uint8_t* meta = s.meta.data();
+  auto rank = [&](int t, int w) {
+    const uint8_t* m = meta + static_cast<size_t>(t) * 2 * meta_width_ + w * meta_width_;
+    return (meta_width_ == 1 ? m[0] : (m[0] | (m[1] << 8))) + 1;
+  };
+  for (int t = block_start; t < t0; ++t) cur += rank(t, 0) + rank(t, 1);
+  for (int t = t0; t < t1; ++t) {
+    rk[t - t0] = rank(t, 0);
+    rv[t - t0] = rank(t, 1);
+    off[t - t0] = cur;
+    cur += rk[t - t0] + rv[t - t0];
+  }
+}
+
+void DynaKvCache::ReadLatent(const LayerStore& s, int64_t off, int r, float* dst) const {
+  if (dtype_ == KvDtype::kF16) {
+    Fp16ToFp32Row(reinterpret_cast<const uint16_t*>(s.arena.data()) + off, dst, r);
+  } else {
+    std::memcpy(dst, reinterpret_cast<const float*>(s.arena.data()) + off, static_cast<size_t>(r) * 4);
+  }
+}
+
+TokenRanks DynaKvCache::Ranks(int layer, int t) const {
+  int rk, rv;
+  int64_t off;
+  DecodeBlock(layers_[layer], t, t + 1, &rk, &rv, &off);
+  return TokenRanks{rk, rv};
+}
+
+void DynaKvCache::Reconstruct(int layer, int t, bool value, double* dst) const {
+  const int Dk = D();
+  int rk, rv;
+  int64_t off;
+  DecodeBlock(layers_[layer], t, t + 1, &rk, &rv, &off);
+  const int r = value ? rv : rk;
+  std::vector<float> c(r);
+  ReadLatent(layers_[layer], value ? off + rk : off, r, c.data());
+  const BasisSet& b = value ? profile_.v[layer] : profile_.k[layer];
+  for (int i = 0; i < Dk; ++i) {
+    double acc = b.mean[i];
+    for (int j = 0; j < r; ++j) acc += static_cast<double>(b.basis[static_cast<size_t>(i) * Dk + j]) * c[j];
+    dst[i] = acc;
+  }
+}
+
+void DynaKvCache::ReconstructK(int layer, int t, float* dst) const {
+  std::vector<double> r(D());
+  Reconstruct(layer, t, false, r.data());
+  for (int i = 0; i < D(); ++i) dst[i] = static_cast<float>(r[i]);
+}
+
+void DynaKvCache::ReconstructV(int layer, int t, float* dst) const {
+  std::vector<double> r(D());
+  Reconstruct(layer, t, true, r.data());
+  for (int i = 0; i < D(); ++i) dst[i] = static_cast<float>(r[i]);
+}
+
+void DynaKvCache::AttendReference(int layer, const KvPlan& plan, const float* q, float* out) const {
+  const int d = shape_.head_dim, Hq = shape_.n_head, group = Hq / shape_.n_head_kv, Dk = D();
+  const int T = plan.first + plan.n;
+  std::vector<double> kh(static_cast<size_t>(T) * Dk), vh(static_cast<size_t>(T) * Dk), p(T);
+  for (int t = 0; t < T; ++t) {
+    Reconstruct(layer, t, false, &kh[static_cast<size_t>(t) * Dk]);
+    Reconstruct(layer, t, true, &vh[static_cast<size_t>(t) * Dk]);
+  }
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  for (int i = 0; i < plan.n; ++i) {
+    const int visible = plan.first + i + 1;
+    for (int h = 0; h < Hq; ++h) {
+      const float* qh = q + (static_cast<size_t>(i) * Hq + h) * d;
+      const int64_t col = static_cast<int64_t>(h / group) * d;
+      double mx = -std::numeric_limits<double>::infinity(), sum = 0.0;
+      for (int t = 0; t < visible; ++t) {
+        double s = 0.0;
+        for (int e = 0; e < d; ++e) s += static_cast<double>(qh[e]) * kh[t * Dk + col + e];
+        p[t] = s * scale;
+        mx = std::max(mx, p[t]);
+      }
+      for (int t = 0; t < visible; ++t) sum += (p[t] = std::exp(p[t] - mx));
+      float* oh = out + (static_cast<size_t>(i) * Hq + h) * d;
+      for (int e = 0; e < d; ++e) {
+        double acc = 0.0;
+        for (int t = 0; t < visible; ++t) acc += p[t] * vh[t * Dk + col + e];
+        oh[e] = static_cast<float>(acc / sum);
+      }
+    }
+  }
+}
+
+// ---- Attention on the latents ------------------------------------------------------------------
+
+void DynaKvCache::ProjectQueries(int layer, int n, const float* q) {
+  const int d = shape_.head_dim, Hq = shape_.n_head, group = Hq / shape_.n_head_kv, Dk = D();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  const BasisSet& bk = profile_.k[layer];
+  qt_.resize(static_cast<size_t>(n) * Hq * Dk);
+  mterm_.resize(static_cast<size_t>(n) * Hq);
+  for (int h = 0; h < Hq; ++h) {
+    const int64_t g = h / group;
+    // q~_h = U_K,h^T q_h: U_K,h = rows g*d .. g*d+d-1 of U_K, i.e. [d][D] at basis + g*d*D.
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, Dk, d, scale, q + h * d, Hq * d,
+                bk.basis.data() + g * d * Dk, Dk, 0.0f, qt_.data() + static_cast<size_t>(h) * Dk, Hq * Dk);
+    for (int i = 0; i < n; ++i)
+      mterm_[static_cast<size_t>(i) * Hq + h] = scale * Dot(q + (static_cast<size_t>(i) * Hq + h) * d, bk.mean.data() + g * d, d);
+  }
+}
+
+void DynaKvCache::ProjectOutputs(int layer, int n, int r_max, float* out) {
+  const int d = shape_.head_dim, Hq = shape_.n_head, group = Hq / shape_.n_head_kv, Dk = D();
+  const BasisSet& bv = profile_.v[layer];
+  for (int h = 0; h < Hq; ++h) {
+    const int64_t g = h / group;
+    // o_h = U_V,h a_h + mu_V,h; a_h is zero past r_max, so only U_V,h[:, :r_max] is needed.
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, d, r_max, 1.0f, att_.data() + static_cast<size_t>(h) * Dk,
+                Hq * Dk, bv.basis.data() + g * d * Dk, Dk, 0.0f, out + h * d, Hq * d);
+    for (int i = 0; i < n; ++i) {
+      float* o = out + (static_cast<size_t>(i) * Hq + h) * d;
+      const float* mu = bv.mean.data() + g * d;
+#pragma omp simd
+      for (int e = 0; e < d; ++e) o[e] += mu[e];
+    }
+  }
+}
+
+void DynaKvCache::Attend(int layer, const KvPlan& plan, const float* q, float* out, ThreadPool& pool) {
+  ProjectQueries(layer, plan.n, q);
+  if (plan.n >= kGemmMinBatch) {
+    AttendGemm(layer, plan, out, pool);
+  } else {
+    AttendLatent(layer, plan, out, pool);
+  }
+}
+
+namespace {
+
+// Scores of one latent against every head: sc[h] += sum_j c[j] * qtT[j][h] (head-minor, so the
+// inner loop is one vector over heads). kHq > 0 fixes the head count at compile time.
+template <int kHq>
+inline void ScoreHeads(const float* c, int r, const float* qtT, int Hq_rt, float* sc) {
+  const int Hq = kHq > 0 ? kHq : Hq_rt;
+  for (int j = 0; j < r; ++j) {
+    const float cj = c[j];
+    const float* qj = qtT + static_cast<int64_t>(j) * Hq;
+#pragma omp simd
+    for (int h = 0; h < Hq; ++h) sc[h] += cj * qj[h];
+  }
+}
+
+// acc[j][h] += c[j] * p[h] for j < r.
+template <int kHq>
+inline void AccumulateHeads(const float* c, int r, const float* p, int Hq_rt, float* acc) {
+  const int Hq = kHq > 0 ? kHq : Hq_rt;
+  for (int j = 0; j < r; ++j) {
+    const float cj = c[j];
+    float* aj = acc + static_cast<int64_t>(j) * Hq;
+#pragma omp simd
+    for (int h = 0; h < Hq; ++h) aj[h] += cj * p[h];
+  }
+}
+
+}  // namespace
+
+// One thread's share of a query: cells [t0, t1) (t0 a multiple of B), online softmax per head
+// across blocks of B cells, accumulating in latent space. p.m/p.l/p.acc carry over between calls.
+void DynaKvCache::AttendRange(const LayerStore& s, const float* qtT, const float* mterm, int t0, int t1,
+                              Partial& p) const {
+  const int Hq = shape_.n_head;
+  auto score = Hq == 4 ? &ScoreHeads<4> : Hq == 8 ? &ScoreHeads<8> : Hq == 16 ? &ScoreHeads<16>
+             : Hq == 32 ? &ScoreHeads<32> : &ScoreHeads<0>;
+  auto accumulate = Hq == 4 ? &AccumulateHeads<4> : Hq == 8 ? &AccumulateHeads<8> : Hq == 16 ? &AccumulateHeads<16>
+                  : Hq == 32 ? &AccumulateHeads<32> : &AccumulateHeads<0>;
+  float* c = p.row.data();
+  for (int b0 = t0; b0 < t1; b0 += kIndexEvery) {
+    const int nb = std::min(t1, b0 + kIndexEvery) - b0;
+    DecodeBlock(s, b0, b0 + nb, p.rk.data(), p.rv.data(), p.off.data());
+    float* sc = p.scores.data();
+    for (int t = 0; t < nb; ++t) {
+      float* st = sc + static_cast<size_t>(t) * Hq;
+      for (int h = 0; h < Hq; ++h) st[h] = mterm[h];
+      ReadLatent(s, p.off[t], p.rk[t], c);
+      score(c, p.rk[t], qtT, Hq, st);
+    }
+    // New running max per head; rescale what was accumulated under the old one.
+    bool rescale = false;
+    for (int h = 0; h < Hq; ++h) {
+      float mx = p.m[h];
+      for (int t = 0; t < nb; ++t) mx = std::max(mx, sc[static_cast<size_t>(t) * Hq + h]);
+      const float f = std::exp(p.m[h] - mx);  // 0 on the first block (m = -inf)
+      p.l[h] *= f;
+      p.m[h] = mx;
+      p.scale[h] = f;
+      rescale |= f != 1.0f;
+    }
+    if (rescale) {
+      for (int j = 0; j < p.rmax_v; ++j) {
+        float* aj = p.acc.data() + static_cast<size_t>(j) * Hq;
+        for (int h = 0; h < Hq; ++h) aj[h] *= p.scale[h];
+      }
+    }
+    for (int t = 0; t < nb; ++t) {
+      float* st = sc + static_cast<size_t>(t) * Hq;
+      for (int h = 0; h < Hq; ++h) {
+        st[h] = std::exp(st[h] - p.m[h]);
+        p.l[h] += st[h];
+      }
+      ReadLatent(s, p.off[t] + p.rk[t], p.rv[t], c);
+      accumulate(c, p.rv[t], st, Hq, p.acc.data());
+      p.rmax_v = std::max(p.rmax_v, p.rv[t]);
+    }
+  }
+}
+
+// Small batches (decode): per query, the visible cells are split into blocks of B over the
+// threads (latents are shared by all heads, so each record is read once per query), and the
+// threads' partial softmaxes are merged.
+void DynaKvCache::AttendLatent(int layer, const KvPlan& plan, float* out, ThreadPool& pool) {
+  const int Hq = shape_.n_head, Dk = D();
+  const LayerStore& s = layers_[layer];
+  partials_.resize(pool.size());
+  for (Partial& p : partials_) {
+    p.m.resize(Hq);
+    p.l.resize(Hq);
+    p.scale.resize(Hq);
+    p.acc.resize(static_cast<size_t>(Dk) * Hq);
+    p.scores.resize(static_cast<size_t>(kIndexEvery) * Hq);
+    p.row.resize(Dk);
+    p.rk.resize(kIndexEvery);
+    p.rv.resize(kIndexEvery);
+    p.off.resize(kIndexEvery);
+  }
+  att_.assign(static_cast<size_t>(plan.n) * Hq * Dk, 0.0f);
+  qtT_.resize(static_cast<size_t>(Dk) * Hq);
+  int r_max = 1;
+  for (int i = 0; i < plan.n; ++i) {
+    const float* qi = qt_.data() + static_cast<size_t>(i) * Hq * Dk;
+    for (int h = 0; h < Hq; ++h)
+      for (int j = 0; j < Dk; ++j) qtT_[static_cast<size_t>(j) * Hq + h] = qi[static_cast<size_t>(h) * Dk + j];
+    for (Partial& p : partials_) {
+      std::fill(p.m.begin(), p.m.end(), -std::numeric_limits<float>::infinity());
+      std::fill(p.l.begin(), p.l.end(), 0.0f);
+      std::fill(p.acc.begin(), p.acc.end(), 0.0f);
+      p.rmax_v = 0;
+    }
+    const int T = plan.first + i + 1;
+    const float* mterm = mterm_.data() + static_cast<size_t>(i) * Hq;
+    pool.ParallelFor(CeilDiv(T, kIndexEvery), [&](int64_t b, int64_t e, int tid) {
+      if (b >= e) return;
+      AttendRange(s, qtT_.data(), mterm, static_cast<int>(b * kIndexEvery),
+                  static_cast<int>(std::min<int64_t>(T, e * kIndexEvery)), partials_[tid]);
+    });
+    // Merge: a_h = sum_p e^(m_p - M) acc_p / sum_p e^(m_p - M) l_p.
+    float* ai = att_.data() + static_cast<size_t>(i) * Hq * Dk;
+    for (int h = 0; h < Hq; ++h) {
+      float M = -std::numeric_limits<float>::infinity();
+      for (const Partial& p : partials_) M = std::max(M, p.m[h]);
+      float L = 0.0f;
+      for (const Partial& p : partials_)
+        if (p.rmax_v > 0) L += std::exp(p.m[h] - M) * p.l[h];
+      float* a = ai + static_cast<size_t>(h) * Dk;
+      for (const Partial& p : partials_) {
+        if (p.rmax_v == 0) continue;
+        const float w = std::exp(p.m[h] - M) / L;
+        for (int j = 0; j < p.rmax_v; ++j) a[j] += w * p.acc[static_cast<size_t>(j) * Hq + h];
+        r_max = std::max(r_max, p.rmax_v);
+      }
+    }
+  }
+  ProjectOutputs(layer, plan.n, r_max, out);
+}
+
+// Prefill: the visible latents are converted once to dense fp32 [T][r_max] (zero-padded: the
+// padding adds nothing to a dot product), then per head S = Q~ C_K^T and A = P C_V as GEMMs.
+void DynaKvCache::AttendGemm(int layer, const KvPlan& plan, float* out, ThreadPool& pool) {
+  const int Hq = shape_.n_head, Dk = D();
+  const int n = plan.n, T = plan.first + plan.n;
+  const LayerStore& s = layers_[layer];
+  std::vector<int> rk(T), rv(T);
+  std::vector<int64_t> off(T);
+  DecodeBlock(s, 0, T, rk.data(), rv.data(), off.data());
+  const int rmax_k = *std::max_element(rk.begin(), rk.end());
+  const int rmax_v = *std::max_element(rv.begin(), rv.end());
+  kd_.resize(static_cast<size_t>(T) * rmax_k);
+  vd_.resize(static_cast<size_t>(T) * rmax_v);
+  pool.ParallelFor(T, [&](int64_t b, int64_t e, int) {
+    for (int64_t t = b; t < e; ++t) {
+      float* kt = kd_.data() + t * rmax_k;
+      float* vt = vd_.data() + t * rmax_v;
+      ReadLatent(s, off[t], rk[t], kt);
+      ReadLatent(s, off[t] + rk[t], rv[t], vt);
+      std::fill(kt + rk[t], kt + rmax_k, 0.0f);
+      std::fill(vt + rv[t], vt + rmax_v, 0.0f);
+    }
+  });
+  s_.resize(static_cast<size_t>(n) * T);
+  att_.resize(static_cast<size_t>(n) * Hq * Dk);
+  for (int h = 0; h < Hq; ++h) {
+    float* S = s_.data();
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, T, rmax_k, 1.0f, qt_.data() + static_cast<size_t>(h) * Dk,
+                Hq * Dk, kd_.data(), rmax_k, 0.0f, S, T);
+    pool.ParallelFor(n, [&](int64_t b, int64_t e, int) {
+      for (int64_t i = b; i < e; ++i) {
+        float* row = S + i * T;
+        const int visible = plan.first + static_cast<int>(i) + 1;
+        const float m = mterm_[static_cast<size_t>(i) * Hq + h];
+        for (int t = 0; t < visible; ++t) row[t] += m;
+        Softmax(row, visible);
+        for (int t = visible; t < T; ++t) row[t] = 0.0f;
+      }
+    });
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, rmax_v, T, 1.0f, S, T, vd_.data(), rmax_v, 0.0f,
+                att_.data() + static_cast<size_t>(h) * Dk, Hq * Dk);
+  }
+  ProjectOutputs(layer, n, rmax_v, out);
+}
+
+// ---- Factory --------------------------------------------------------------------------------------
+
+StatusOr<std::unique_ptr<DynaKvCache>> CreateDynaKvCacheFromProfile(const KvConfig& config, const KvModelInfo& model,
+                                                                    int capacity, DynaKvProfile profile,
+                                                                    const std::string& origin) {
+  if (config.dtype != "f16" && config.dtype != "f32")
+    return InvalidArgument("--kv-dtype: dynakv stores latents as f16 or f32, found '" + config.dtype + "'");
+  const KvDtype dtype = config.dtype == "f16" ? KvDtype::kF16 : KvDtype::kF32;
+  DK_RETURN_IF_ERROR(ValidateProfile(profile, origin));
+  DK_RETURN_IF_ERROR(CheckProfileMatchesModel(profile, model, origin));
+  const KvShape& shape = model.shape;
+  if (shape.n_head_kv <= 0 || shape.n_head % shape.n_head_kv != 0)
+    return InvalidArgument("dynakv: " + std::to_string(shape.n_head) + " query heads are not a multiple of " +
+                           std::to_string(shape.n_head_kv) + " KV heads");
+  // Record offsets are 32-bit element counts.
+  if (static_cast<int64_t>(capacity) * 2 * shape.kv_dim() > std::numeric_limits<uint32_t>::max())
+    return InvalidArgument("dynakv: a capacity of " + std::to_string(capacity) + " tokens at D = " +
+                           std::to_string(shape.kv_dim()) + " overflows the 32-bit record offsets");
+  RankPolicyContext ctx;
+  ctx.n_layer = shape.n_layer;
+  ctx.kv_dim = shape.kv_dim();
+  ctx.n_embd = shape.n_embd;
+  ctx.levels = profile.levels;
+  ctx.cost = DynaKvCache::CostFor(shape.kv_dim(), dtype);
+  std::unique_ptr<RankPolicy> policy;
+  DK_ASSIGN_OR_RETURN(policy, CreateRankPolicy(config, ctx));
+  return std::make_unique<DynaKvCache>(shape, capacity, dtype, std::move(profile), std::move(policy));
+}
+
+StatusOr<std::unique_ptr<KvCache>> CreateDynaKvCache(const KvConfig& config, const KvModelInfo& model, int capacity) {
+  if (config.profile_path.empty())
+    return InvalidArgument("--profile: dynakv needs a calibrated profile (dynakv calibrate)");
+  DynaKvProfile profile;
+  DK_ASSIGN_OR_RETURN(profile, LoadProfile(config.profile_path));
+  std::unique_ptr<DynaKvCache> cache;
+  DK_ASSIGN_OR_RETURN(cache, CreateDynaKvCacheFromProfile(config, model, capacity, std::move(profile),
+                                                          config.profile_path));
+  return std::unique_ptr<KvCache>(std::move(cache));
+}
+
+}  // namespace dk

@@ -1,0 +1,116 @@
+// The DynaKV cache: every token keeps its key and value as latents on the layer's calibrated
+// basis, truncated to its own ranks (r_K, r_V) chosen by a RankPolicy, packed back to back so the
+// memory really shrinks. Attention runs on the latents (method.md, decision 2); no key or value is
+// rebuilt on that path. Layout, index formulas and invariants: docs/kv_layout.md.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kv/full_cache.h"  // KvDtype
+#include "kv/kv_cache.h"
+#include "kv/profile.h"
+#include "kv/rank_policy.h"
+#include "kv/registry.h"
+
+namespace dk {
+
+class DynaKvCache final : public KvCache {
+ public:
+  static constexpr int kIndexEvery = 64;  // B: one offset index entry per B tokens
+  static constexpr int kGemmMinBatch = 8; // batches this large attend through fp32 GEMMs
+
+  // The profile must match the shape (the factory checks it against the model).
+  DynaKvCache(const KvShape& shape, int capacity, KvDtype dtype, DynaKvProfile profile,
+              std::unique_ptr<RankPolicy> policy);
+
+  std::string name() const override;
+  void Write(int layer, const KvPlan& plan, const float* k, const float* v, const float* x) override;
+  void Attend(int layer, const KvPlan& plan, const float* q, float* out, ThreadPool& pool) override;
+  // Latents + metadata + offset index of the tokens written (docs/kv_layout.md, "Bytes").
+  size_t BytesUsed() const override;
+  // Arena, metadata and index allocations.
+  size_t BytesReserved() const override;
+
+  // What one token costs in one layer (shared with the rank policy's budget arithmetic).
+  static RecordCost CostFor(int kv_dim, KvDtype dtype);
+  const RecordCost& cost() const { return cost_; }
+  const RankPolicy& policy() const { return *policy_; }
+  const DynaKvProfile& profile() const { return profile_; }
+  int tokens_in_layer(int layer) const { return layers_[layer].n; }
+
+  // Reference path for tests: token t's stored ranks, and its rank-r reconstruction
+  // k^ = U[:, :r] c + mu (computed in double). dst: [D]
+  TokenRanks Ranks(int layer, int t) const;
+  void ReconstructK(int layer, int t, float* dst) const;
+  void ReconstructV(int layer, int t, float* dst) const;
+  // Rebuilds every visible k^, v^ and runs plain causal softmax attention in double. Same
+  // contract as Attend; slow, for tests only.
+  void AttendReference(int layer, const KvPlan& plan, const float* q, float* out) const;
+
+ private:
+  // One layer's packed records. Shapes in elements of dtype_ unless said otherwise.
+  struct LayerStore {
+    std::vector<uint8_t> arena;    // [arena_elems] records [c_K (r_K)][c_V (r_V)], token after token
+    int64_t arena_elems = 0;       // allocated elements
+    int64_t used = 0;              // elements written = sum over tokens of (r_K + r_V)
+    std::vector<uint8_t> meta;     // [capacity][2][meta_width_] (r_K - 1, r_V - 1), little-endian
+    std::vector<uint32_t> index;   // [ceil(capacity / B)] element offset of token b * B
+    int n = 0;                     // tokens written
+  };
+  // Per-thread scratch and partial softmax state of the latent attention path.
+  struct Partial {
+    std::vector<float> m, l;        // [Hq] running max and sum of exp
+    std::vector<float> scale;       // [Hq] rescale factor of the current block
+    std::vector<float> acc;         // [D][Hq] sum_t p_t c_V,t (zero-padded), head-minor
+    std::vector<float> scores;      // [B][Hq]
+    std::vector<float> row;         // [D] one latent as fp32
+    std::vector<int> rk, rv;        // [B] ranks of a block
+    std::vector<int64_t> off;       // [B] record offsets of a block
+    int rmax_v = 0;                 // acc rows touched so far
+  };
+
+  void OnClear() override;
+  int D() const { return shape_.kv_dim(); }
+  // Ranks and record offsets of tokens [t0, t1) of a layer; t0 must be a multiple of B.
+  void DecodeBlock(const LayerStore& s, int t0, int t1, int* rk, int* rv, int64_t* off) const;
+  void ReadLatent(const LayerStore& s, int64_t off, int r, float* dst) const;  // dst: [r]
+  void Reconstruct(int layer, int t, bool value, double* dst) const;            // dst: [D]
+  void Append(LayerStore& s, const float* c, int r);
+  void Grow(LayerStore& s, int64_t need_elems);
+
+  // Projected queries: qt [n][Hq][D] = U_K,h^T q_h / sqrt(d); mterm [n][Hq] = q_h . mu_K,h / sqrt(d).
+  void ProjectQueries(int layer, int n, const float* q);
+  // out_h = U_V,h a_h + mu_V,h for a [n][Hq][D] (first r_max columns non-zero).
+  void ProjectOutputs(int layer, int n, int r_max, float* out);
+  void AttendLatent(int layer, const KvPlan& plan, float* out, ThreadPool& pool);
+  void AttendRange(const LayerStore& s, const float* qtT, const float* mterm, int t0, int t1, Partial& p) const;
+  void AttendGemm(int layer, const KvPlan& plan, float* out, ThreadPool& pool);
+
+  KvDtype dtype_;
+  DynaKvProfile profile_;
+  std::unique_ptr<RankPolicy> policy_;
+  int meta_width_;  // bytes per rank: 1 when D <= 256 (rank - 1 fits a byte), else 2
+  RecordCost cost_;
+  std::vector<LayerStore> layers_;  // [n_layer]
+
+  // Scratch (Write and Attend run on the caller's thread; workers only touch their Partial).
+  std::vector<float> xc_, ck_, cv_;   // [n][D] centred rows, latents of K and V
+  std::vector<TokenRanks> ranks_;     // [n]
+  std::vector<float> qt_, mterm_;     // [n][Hq][D], [n][Hq]
+  std::vector<float> qtT_;            // [D][Hq] one query's projected heads, head-minor
+  std::vector<float> att_;            // [n][Hq][D] attention in latent space
+  std::vector<float> kd_, vd_, s_;    // GEMM path: [T][r] dense latents, [n][T] scores
+  std::vector<Partial> partials_;     // [threads]
+};
+
+// Registered as "dynakv": loads config.profile_path, checks it against the model, builds the
+// rank policy from the flags and validates the dtype.
+StatusOr<std::unique_ptr<KvCache>> CreateDynaKvCache(const KvConfig& config, const KvModelInfo& model, int capacity);
+// Same with a profile already in memory (tests, tools); `origin` names it in messages.
+StatusOr<std::unique_ptr<DynaKvCache>> CreateDynaKvCacheFromProfile(const KvConfig& config, const KvModelInfo& model,
+                                                                    int capacity, DynaKvProfile profile,
+                                                                    const std::string& origin);
+
+}  // namespace dk
