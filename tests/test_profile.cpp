@@ -123,6 +123,41 @@ TEST(Profile, RoundTripIsBitIdentical) {
   std::remove(path.c_str());
 }
 
+// Bitwise CRC-32 (IEEE, reflected 0xEDB88320), written from the definition: the reference for the
+// library's table-driven one.
+uint32_t Crc32Reference(const uint8_t* p, size_t n) {
+  uint32_t c = 0xFFFFFFFFu;
+  for (size_t i = 0; i < n; ++i) {
+    c ^= p[i];
+    for (int b = 0; b < 8; ++b) c = (c >> 1) ^ (0xEDB88320u & (0u - (c & 1u)));
+  }
+  return ~c;
+}
+
+TEST(Profile, LayoutAndChecksumAreAsDocumented) {
+  const uint8_t check[] = {'1', '2', '3', '4', '5', '6', '7', '8', '9'};
+  ASSERT_EQ(Crc32Reference(check, sizeof(check)), 0xCBF43926u);  // the standard check value
+  const DynaKvProfile p = MakeProfile(2, 1, 3, 12);
+  const std::vector<uint8_t> bytes = SerializeProfile(p);
+  ASSERT_EQ(bytes.size(), 52 + p.model_name.size() + 4 * p.levels.size() + 2 * 2 * (4 * 9 + 4 * 3 + 8 * 3));
+  EXPECT_EQ(std::memcmp(bytes.data(), "DKVPROF\0", 8), 0);
+  uint32_t u32 = 0;
+  uint64_t u64 = 0;
+  std::memcpy(&u32, bytes.data() + kVersionOffset, 4);
+  EXPECT_EQ(u32, DynaKvProfile::kFormatVersion);
+  std::memcpy(&u64, bytes.data() + 12, 8);
+  EXPECT_EQ(u64, p.model_fingerprint);
+  std::memcpy(&u32, bytes.data() + kNameLenOffset, 4);
+  EXPECT_EQ(u32, p.model_name.size());
+  std::memcpy(&u32, bytes.data() + NLayerOffset(p), 4);
+  EXPECT_EQ(u32, 2u);
+  float first_basis = 0.0f;  // layer 0 K basis[0] right after n_calib_tokens
+  std::memcpy(&first_basis, bytes.data() + NLayerOffset(p) + 16 + 4 * p.levels.size() + 8, 4);
+  EXPECT_EQ(first_basis, p.k[0].basis[0]);
+  std::memcpy(&u32, bytes.data() + bytes.size() - 4, 4);
+  EXPECT_EQ(u32, Crc32Reference(bytes.data() + 12, bytes.size() - 16));
+}
+
 TEST(Profile, RoundTripKeepsSpecialBitPatterns) {
   DynaKvProfile p = MakeProfile(1, 1, 3, 2);
   p.k[0].basis[0] = -0.0f;
@@ -207,12 +242,15 @@ TEST(Profile, AbsurdHeaderCountsAreRefusedBeforeAllocating) {
                         Case{"n_layer at cap", nl, 4096u, "truncated"},
                         Case{"n_head_kv huge", nl + 4, 1u << 30, "n_head_kv"},
                         Case{"head_dim huge", nl + 8, 1u << 30, "head_dim"},
-                        Case{"D over cap", nl + 4, 4096u, "KV width"},
                         Case{"levels count", nl + 12, 1000u, "number of levels"}}) {
     std::vector<uint8_t> bad = good;
     Patch<uint32_t>(bad, c.offset, c.value);
     EXPECT_THAT(ExpectRefused(bad, c.what), HasSubstr(c.expect)) << c.what;
   }
+  std::vector<uint8_t> wide = good;  // each count within its cap, the product D = 4096 * 4096 is not
+  Patch<uint32_t>(wide, nl + 4, 4096u);
+  Patch<uint32_t>(wide, nl + 8, 4096u);
+  EXPECT_THAT(ExpectRefused(wide, "D over cap"), HasSubstr("KV width"));
 }
 
 TEST(Profile, MissingFileNamesThePath) {
@@ -306,9 +344,9 @@ TEST(Profile, ExplainedVariance) {
   EXPECT_DOUBLE_EQ(p.ExplainedVariance(p.k[0], 3), 0.9);
   EXPECT_DOUBLE_EQ(p.ExplainedVariance(p.k[0], 4), 1.0);
   EXPECT_DOUBLE_EQ(p.ExplainedVariance(p.k[0], 99), 1.0);
+  EXPECT_THAT(ExplainedVarianceTable(p), HasSubstr("0.4000"));
   p.k[0].eigenvalues = {0.0, 0.0, 0.0, 0.0};
   EXPECT_DOUBLE_EQ(p.ExplainedVariance(p.k[0], 1), 1.0);
-  EXPECT_THAT(ExplainedVarianceTable(p), HasSubstr("0.4000"));
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
 #include "kv/dynakv_cache.h"
 
 #include <algorithm>
+#include <bit>
 #include <cassert>
 #include <cmath>
 #include <cstring>
@@ -91,7 +92,8 @@ void DynaKvCache::Grow(LayerStore& s, int64_t need_elems) {
   if (need_elems <= s.arena_elems) return;
   const int64_t worst = static_cast<int64_t>(capacity_) * 2 * D();
   const int64_t elems = std::min(worst, std::max(need_elems, s.arena_elems + s.arena_elems / 2));
-  std::vector<uint8_t> bigger(static_cast<size_t>(elems) * cost_.elem_bytes);
+  // kArenaSlack spare elements: the attention kernels load latents in whole vectors of 8.
+  std::vector<uint8_t> bigger(static_cast<size_t>(elems + kArenaSlack) * cost_.elem_bytes);
   std::memcpy(bigger.data(), s.arena.data(), static_cast<size_t>(s.used) * cost_.elem_bytes);
   s.arena.swap(bigger);
   s.arena_elems = elems;
@@ -286,79 +288,203 @@ void DynaKvCache::Attend(int layer, const KvPlan& plan, const float* q, float* o
 
 namespace {
 
-// Scores of one latent against every head: sc[h] += sum_j c[j] * qtT[j][h] (head-minor, so the
-// inner loop is one vector over heads). kHq > 0 fixes the head count at compile time.
-template <int kHq>
-inline void ScoreHeads(const float* c, int r, const float* qtT, int Hq_rt, float* sc) {
-  const int Hq = kHq > 0 ? kHq : Hq_rt;
-  for (int j = 0; j < r; ++j) {
-    const float cj = c[j];
-    const float* qj = qtT + static_cast<int64_t>(j) * Hq;
-#pragma omp simd
-    for (int h = 0; h < Hq; ++h) sc[h] += cj * qj[h];
-  }
+int RoundUp8(int r) { return (r + 7) & ~7; }
+
+// The latent attention kernels. The AVX2 paths load latents 8 at a time straight from the packed
+// records, zeroing the lanes at or past the rank, so reading past a record's end (into the next
+// record or the arena's spare elements) is harmless. The portable paths are the same arithmetic.
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define DK_LATENT_AVX2 1
+#endif
+
+// e^x for x <= 0 (softmax weights). Cephes' expf: x = n ln2 + r, |r| <= ln2/2, a degree-6
+// polynomial in r, scaled by 2^n through the exponent bits; ~2 ulp; 0 below e^-87.
+constexpr float kExpLo = -87.0f, kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+constexpr float kExpP[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                            4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
+inline float ExpNonPositive(float x) {
+  const float xc = std::max(x, kExpLo);
+  const float n = std::floor(xc * kLog2e + 0.5f);
+  const float r = xc - n * kLn2Hi - n * kLn2Lo;
+  float p = kExpP[0];
+  for (int i = 1; i < 6; ++i) p = p * r + kExpP[i];
+  const float e = p * r * r + r + 1.0f;
+  return x < kExpLo ? 0.0f : e * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
 }
 
-// acc[j][h] += c[j] * p[h] for j < r.
-template <int kHq>
-inline void AccumulateHeads(const float* c, int r, const float* p, int Hq_rt, float* acc) {
-  const int Hq = kHq > 0 ? kHq : Hq_rt;
-  for (int j = 0; j < r; ++j) {
-    const float cj = c[j];
-    float* aj = acc + static_cast<int64_t>(j) * Hq;
-#pragma omp simd
-    for (int h = 0; h < Hq; ++h) aj[h] += cj * p[h];
+inline float Elem(const uint16_t* c, int j) { return Fp16ToFp32(c[j]); }
+inline float Elem(const float* c, int j) { return c[j]; }
+
+#ifdef DK_LATENT_AVX2
+inline __m256 Exp8(__m256 x) {
+  const __m256 xc = _mm256_max_ps(x, _mm256_set1_ps(kExpLo));
+  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(xc, _mm256_set1_ps(kLog2e), _mm256_set1_ps(0.5f)));
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), xc);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(kExpP[0]);
+  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP[i]));
+  const __m256 e = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256 y = _mm256_mul_ps(e, _mm256_castsi256_ps(bits));
+  return _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_set1_ps(kExpLo), _CMP_LT_OQ), y);
+}
+
+inline __m256 Load8(const uint16_t* c, int j) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + j)));
+}
+inline __m256 Load8(const float* c, int j) { return _mm256_loadu_ps(c + j); }
+// Elements [j, j + 8) of a latent of rank r, zero at and past r.
+template <typename T>
+inline __m256 Load8(const T* c, int j, int r) {
+  const __m256 v = Load8(c, j);
+  if (j + 8 <= r) return v;
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(r - j), lanes)));
+}
+#endif
+
+// x[t] = e^(x[t] - mx) for t < n; returns the sum.
+inline float ExpShiftSum(float* x, int n, float mx) {
+  int t = 0;
+  float sum = 0.0f;
+#ifdef DK_LATENT_AVX2
+  __m256 acc = _mm256_setzero_ps();
+  const __m256 m = _mm256_set1_ps(mx);
+  for (; t + 8 <= n; t += 8) {
+    const __m256 e = Exp8(_mm256_sub_ps(_mm256_loadu_ps(x + t), m));
+    _mm256_storeu_ps(x + t, e);
+    acc = _mm256_add_ps(acc, e);
   }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, acc);
+  for (float l : lanes) sum += l;
+#endif
+  for (; t < n; ++t) sum += (x[t] = ExpNonPositive(x[t] - mx));
+  return sum;
+}
+
+// s[k * ls] += q_k . c over the r numbers of latent c, for 4 heads at once (c loaded once).
+// q rows are `ld` apart and hold at least r rounded up to 8 numbers.
+template <typename T>
+inline void Dot4(const float* q, int64_t ld, const T* c, int r, float* s, int64_t ls) {
+  const float *q0 = q, *q1 = q + ld, *q2 = q + 2 * ld, *q3 = q + 3 * ld;
+#ifdef DK_LATENT_AVX2
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (int j = 0; j < r; j += 8) {
+    const __m256 cv = Load8(c, j, r);
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + j), cv, a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q1 + j), cv, a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q2 + j), cv, a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q3 + j), cv, a3);
+  }
+  // hadd(hadd(a0, a1), hadd(a2, a3)) = [A0123 B0123 C0123 D0123 | A4567 B4567 C4567 D4567].
+  const __m256 hs = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  float sums[4];
+  _mm_storeu_ps(sums, _mm_add_ps(_mm256_castps256_ps128(hs), _mm256_extractf128_ps(hs, 1)));
+#else
+  float sums[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  for (int j = 0; j < r; ++j) {
+    const float cj = Elem(c, j);
+    sums[0] += q0[j] * cj;
+    sums[1] += q1[j] * cj;
+    sums[2] += q2[j] * cj;
+    sums[3] += q3[j] * cj;
+  }
+#endif
+  for (int k = 0; k < 4; ++k) s[k * ls] += sums[k];
+}
+
+template <typename T>
+inline void Dot1(const float* q, const T* c, int r, float* s) {
+  float s0 = 0.0f;
+  for (int j = 0; j < r; ++j) s0 += q[j] * Elem(c, j);
+  *s += s0;
+}
+
+// a_k[j] += p[k * lp] * c[j] for 4 heads at once; a rows are `ld` apart and hold at least r
+// rounded up to 8 numbers (the AVX2 path adds zeros there).
+template <typename T>
+inline void Axpy4(const float* p, int64_t lp, const T* c, int r, float* a, int64_t ld) {
+  float *a0 = a, *a1 = a + ld, *a2 = a + 2 * ld, *a3 = a + 3 * ld;
+#ifdef DK_LATENT_AVX2
+  const __m256 p0 = _mm256_set1_ps(p[0]), p1 = _mm256_set1_ps(p[lp]), p2 = _mm256_set1_ps(p[2 * lp]),
+               p3 = _mm256_set1_ps(p[3 * lp]);
+  for (int j = 0; j < r; j += 8) {
+    const __m256 cv = Load8(c, j, r);
+    _mm256_storeu_ps(a0 + j, _mm256_fmadd_ps(p0, cv, _mm256_loadu_ps(a0 + j)));
+    _mm256_storeu_ps(a1 + j, _mm256_fmadd_ps(p1, cv, _mm256_loadu_ps(a1 + j)));
+    _mm256_storeu_ps(a2 + j, _mm256_fmadd_ps(p2, cv, _mm256_loadu_ps(a2 + j)));
+    _mm256_storeu_ps(a3 + j, _mm256_fmadd_ps(p3, cv, _mm256_loadu_ps(a3 + j)));
+  }
+#else
+  const float p0 = p[0], p1 = p[lp], p2 = p[2 * lp], p3 = p[3 * lp];
+  for (int j = 0; j < r; ++j) {
+    const float cj = Elem(c, j);
+    a0[j] += p0 * cj;
+    a1[j] += p1 * cj;
+    a2[j] += p2 * cj;
+    a3[j] += p3 * cj;
+  }
+#endif
+}
+
+template <typename T>
+inline void Axpy1(float p, const T* c, int r, float* a) {
+  for (int j = 0; j < r; ++j) a[j] += p * Elem(c, j);
 }
 
 }  // namespace
 
-// One thread's share of a query: cells [t0, t1) (t0 a multiple of B), online softmax per head
-// across blocks of B cells, accumulating in latent space. p.m/p.l/p.acc carry over between calls.
-void DynaKvCache::AttendRange(const LayerStore& s, const float* qtT, const float* mterm, int t0, int t1,
+// One block of cells [b0, b0 + nb) for one query (ranks and offsets in p.rk/rv/off): scores,
+// the online-softmax update per head, and the value accumulation, straight from the records.
+template <typename T>
+void DynaKvCache::AttendBlock(const T* arena, const float* qp, const float* mterm, int nb, Partial& p) const {
+  const int Hq = shape_.n_head, Dp = RoundUp8(D()), h4 = Hq / 4 * 4;
+  constexpr int B = kIndexEvery;
+  float* sc = p.scores.data();  // [Hq][B], head-major so the softmax loops run over cells
+  float* acc = p.acc.data();
+  for (int h = 0; h < Hq; ++h)
+    for (int t = 0; t < nb; ++t) sc[h * B + t] = mterm[h];
+  for (int t = 0; t < nb; ++t) {
+    const T* c = arena + p.off[t];
+    for (int h = 0; h < h4; h += 4) Dot4(qp + static_cast<int64_t>(h) * Dp, Dp, c, p.rk[t], sc + h * B + t, B);
+    for (int h = h4; h < Hq; ++h) Dot1(qp + static_cast<int64_t>(h) * Dp, c, p.rk[t], sc + h * B + t);
+  }
+  // New running max per head; rescale what was accumulated under the old one; weights.
+  for (int h = 0; h < Hq; ++h) {
+    float* sh = sc + h * B;
+    float mx = p.m[h];
+#pragma omp simd reduction(max : mx)
+    for (int t = 0; t < nb; ++t) mx = std::max(mx, sh[t]);
+    const float f = std::exp(p.m[h] - mx);  // 0 on the first block (m = -inf)
+    p.m[h] = mx;
+    if (f != 1.0f) {
+      float* ah = acc + static_cast<size_t>(h) * Dp;
+      for (int j = 0; j < p.rmax_v; ++j) ah[j] *= f;
+    }
+    p.l[h] = p.l[h] * f + ExpShiftSum(sh, nb, mx);
+  }
+  for (int t = 0; t < nb; ++t) {
+    const T* c = arena + p.off[t] + p.rk[t];
+    for (int h = 0; h < h4; h += 4) Axpy4(sc + h * B + t, B, c, p.rv[t], acc + static_cast<size_t>(h) * Dp, Dp);
+    for (int h = h4; h < Hq; ++h) Axpy1(sc[h * B + t], c, p.rv[t], acc + static_cast<size_t>(h) * Dp);
+    p.rmax_v = std::max(p.rmax_v, RoundUp8(p.rv[t]));
+  }
+}
+
+// One thread's share of a query: cells [t0, t1) (t0 a multiple of B), block by block.
+// p.m / p.l / p.acc carry the online softmax over blocks.
+//   qp: [Hq][Dp] projected query heads (zero-padded)   mterm: [Hq]
+void DynaKvCache::AttendRange(const LayerStore& s, const float* qp, const float* mterm, int t0, int t1,
                               Partial& p) const {
-  const int Hq = shape_.n_head;
-  auto score = Hq == 4 ? &ScoreHeads<4> : Hq == 8 ? &ScoreHeads<8> : Hq == 16 ? &ScoreHeads<16>
-             : Hq == 32 ? &ScoreHeads<32> : &ScoreHeads<0>;
-  auto accumulate = Hq == 4 ? &AccumulateHeads<4> : Hq == 8 ? &AccumulateHeads<8> : Hq == 16 ? &AccumulateHeads<16>
-                  : Hq == 32 ? &AccumulateHeads<32> : &AccumulateHeads<0>;
-  float* c = p.row.data();
   for (int b0 = t0; b0 < t1; b0 += kIndexEvery) {
     const int nb = std::min(t1, b0 + kIndexEvery) - b0;
     DecodeBlock(s, b0, b0 + nb, p.rk.data(), p.rv.data(), p.off.data());
-    float* sc = p.scores.data();
-    for (int t = 0; t < nb; ++t) {
-      float* st = sc + static_cast<size_t>(t) * Hq;
-      for (int h = 0; h < Hq; ++h) st[h] = mterm[h];
-      ReadLatent(s, p.off[t], p.rk[t], c);
-      score(c, p.rk[t], qtT, Hq, st);
-    }
-    // New running max per head; rescale what was accumulated under the old one.
-    bool rescale = false;
-    for (int h = 0; h < Hq; ++h) {
-      float mx = p.m[h];
-      for (int t = 0; t < nb; ++t) mx = std::max(mx, sc[static_cast<size_t>(t) * Hq + h]);
-      const float f = std::exp(p.m[h] - mx);  // 0 on the first block (m = -inf)
-      p.l[h] *= f;
-      p.m[h] = mx;
-      p.scale[h] = f;
-      rescale |= f != 1.0f;
-    }
-    if (rescale) {
-      for (int j = 0; j < p.rmax_v; ++j) {
-        float* aj = p.acc.data() + static_cast<size_t>(j) * Hq;
-        for (int h = 0; h < Hq; ++h) aj[h] *= p.scale[h];
-      }
-    }
-    for (int t = 0; t < nb; ++t) {
-      float* st = sc + static_cast<size_t>(t) * Hq;
-      for (int h = 0; h < Hq; ++h) {
-        st[h] = std::exp(st[h] - p.m[h]);
-        p.l[h] += st[h];
-      }
-      ReadLatent(s, p.off[t] + p.rk[t], p.rv[t], c);
-      accumulate(c, p.rv[t], st, Hq, p.acc.data());
-      p.rmax_v = std::max(p.rmax_v, p.rv[t]);
+    if (dtype_ == KvDtype::kF16) {
+      AttendBlock(reinterpret_cast<const uint16_t*>(s.arena.data()), qp, mterm, nb, p);
+    } else {
+      AttendBlock(reinterpret_cast<const float*>(s.arena.data()), qp, mterm, nb, p);
     }
   }
 }
@@ -367,27 +493,25 @@ void DynaKvCache::AttendRange(const LayerStore& s, const float* qtT, const float
 // threads (latents are shared by all heads, so each record is read once per query), and the
 // threads' partial softmaxes are merged.
 void DynaKvCache::AttendLatent(int layer, const KvPlan& plan, float* out, ThreadPool& pool) {
-  const int Hq = shape_.n_head, Dk = D();
+  const int Hq = shape_.n_head, Dk = D(), Dp = RoundUp8(Dk);
   const LayerStore& s = layers_[layer];
   partials_.resize(pool.size());
   for (Partial& p : partials_) {
     p.m.resize(Hq);
     p.l.resize(Hq);
-    p.scale.resize(Hq);
-    p.acc.resize(static_cast<size_t>(Dk) * Hq);
+    p.acc.resize(static_cast<size_t>(Hq) * Dp);
     p.scores.resize(static_cast<size_t>(kIndexEvery) * Hq);
-    p.row.resize(Dk);
     p.rk.resize(kIndexEvery);
     p.rv.resize(kIndexEvery);
     p.off.resize(kIndexEvery);
   }
   att_.assign(static_cast<size_t>(plan.n) * Hq * Dk, 0.0f);
-  qtT_.resize(static_cast<size_t>(Dk) * Hq);
+  qpad_.assign(static_cast<size_t>(Hq) * Dp, 0.0f);
   int r_max = 1;
   for (int i = 0; i < plan.n; ++i) {
-    const float* qi = qt_.data() + static_cast<size_t>(i) * Hq * Dk;
     for (int h = 0; h < Hq; ++h)
-      for (int j = 0; j < Dk; ++j) qtT_[static_cast<size_t>(j) * Hq + h] = qi[static_cast<size_t>(h) * Dk + j];
+      std::memcpy(&qpad_[static_cast<size_t>(h) * Dp], &qt_[(static_cast<size_t>(i) * Hq + h) * Dk],
+                  static_cast<size_t>(Dk) * 4);
     for (Partial& p : partials_) {
       std::fill(p.m.begin(), p.m.end(), -std::numeric_limits<float>::infinity());
       std::fill(p.l.begin(), p.l.end(), 0.0f);
@@ -398,7 +522,7 @@ void DynaKvCache::AttendLatent(int layer, const KvPlan& plan, float* out, Thread
     const float* mterm = mterm_.data() + static_cast<size_t>(i) * Hq;
     pool.ParallelFor(CeilDiv(T, kIndexEvery), [&](int64_t b, int64_t e, int tid) {
       if (b >= e) return;
-      AttendRange(s, qtT_.data(), mterm, static_cast<int>(b * kIndexEvery),
+      AttendRange(s, qpad_.data(), mterm, static_cast<int>(b * kIndexEvery),
                   static_cast<int>(std::min<int64_t>(T, e * kIndexEvery)), partials_[tid]);
     });
     // Merge: a_h = sum_p e^(m_p - M) acc_p / sum_p e^(m_p - M) l_p.
@@ -413,8 +537,10 @@ void DynaKvCache::AttendLatent(int layer, const KvPlan& plan, float* out, Thread
       for (const Partial& p : partials_) {
         if (p.rmax_v == 0) continue;
         const float w = std::exp(p.m[h] - M) / L;
-        for (int j = 0; j < p.rmax_v; ++j) a[j] += w * p.acc[static_cast<size_t>(j) * Hq + h];
-        r_max = std::max(r_max, p.rmax_v);
+        const float* ph = p.acc.data() + static_cast<size_t>(h) * Dp;
+        const int r = std::min(p.rmax_v, Dk);
+        for (int j = 0; j < r; ++j) a[j] += w * ph[j];
+        r_max = std::max(r_max, r);
       }
     }
   }

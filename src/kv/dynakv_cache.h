@@ -20,6 +20,7 @@ class DynaKvCache final : public KvCache {
  public:
   static constexpr int kIndexEvery = 64;  // B: one offset index entry per B tokens
   static constexpr int kGemmMinBatch = 8; // batches this large attend through fp32 GEMMs
+  static constexpr int kArenaSlack = 8;   // spare elements after each arena (vector loads)
 
   // The profile must match the shape (the factory checks it against the model).
   DynaKvCache(const KvShape& shape, int capacity, KvDtype dtype, DynaKvProfile profile,
@@ -59,16 +60,14 @@ class DynaKvCache final : public KvCache {
     std::vector<uint32_t> index;   // [ceil(capacity / B)] element offset of token b * B
     int n = 0;                     // tokens written
   };
-  // Per-thread scratch and partial softmax state of the latent attention path.
+  // Per-thread scratch and partial softmax state of the latent attention path (Dp = D rounded up to 8).
   struct Partial {
     std::vector<float> m, l;        // [Hq] running max and sum of exp
-    std::vector<float> scale;       // [Hq] rescale factor of the current block
-    std::vector<float> acc;         // [D][Hq] sum_t p_t c_V,t (zero-padded), head-minor
-    std::vector<float> scores;      // [B][Hq]
-    std::vector<float> row;         // [D] one latent as fp32
+    std::vector<float> acc;         // [Hq][Dp] sum_t p_t c_V,t (zero-padded)
+    std::vector<float> scores;      // [Hq][B] scores, then softmax weights
     std::vector<int> rk, rv;        // [B] ranks of a block
-    std::vector<int64_t> off;       // [B] record offsets of a block
-    int rmax_v = 0;                 // acc rows touched so far
+    std::vector<int64_t> off;       // [B] record offsets in the arena
+    int rmax_v = 0;                 // acc columns touched so far
   };
 
   void OnClear() override;
@@ -85,7 +84,9 @@ class DynaKvCache final : public KvCache {
   // out_h = U_V,h a_h + mu_V,h for a [n][Hq][D] (first r_max columns non-zero).
   void ProjectOutputs(int layer, int n, int r_max, float* out);
   void AttendLatent(int layer, const KvPlan& plan, float* out, ThreadPool& pool);
-  void AttendRange(const LayerStore& s, const float* qtT, const float* mterm, int t0, int t1, Partial& p) const;
+  template <typename T>
+  void AttendBlock(const T* arena, const float* qp, const float* mterm, int nb, Partial& p) const;
+  void AttendRange(const LayerStore& s, const float* qp, const float* mterm, int t0, int t1, Partial& p) const;
   void AttendGemm(int layer, const KvPlan& plan, float* out, ThreadPool& pool);
 
   KvDtype dtype_;
@@ -99,7 +100,7 @@ class DynaKvCache final : public KvCache {
   std::vector<float> xc_, ck_, cv_;   // [n][D] centred rows, latents of K and V
   std::vector<TokenRanks> ranks_;     // [n]
   std::vector<float> qt_, mterm_;     // [n][Hq][D], [n][Hq]
-  std::vector<float> qtT_;            // [D][Hq] one query's projected heads, head-minor
+  std::vector<float> qpad_;           // [Hq][Dp] one query's projected heads, zero-padded
   std::vector<float> att_;            // [n][Hq][D] attention in latent space
   std::vector<float> kd_, vd_, s_;    // GEMM path: [T][r] dense latents, [n][T] scores
   std::vector<Partial> partials_;     // [threads]
