@@ -1,3 +1,6 @@
+// The DynaKV cache: packed variable-rank latents (docs/kv_layout.md), the encode path (one GEMM
+// per batch, then the rank policy), attention on the latents (decode: straight from the packed
+// records; prefill: GEMMs on fp32 tiles), the double-precision reference, and the factory.
 #include "kv/dynakv_cache.h"
 
 #include <algorithm>
@@ -94,7 +97,7 @@ void DynaKvCache::Grow(LayerStore& s, int64_t need_elems) {
   const int64_t elems = std::min(worst, std::max(need_elems, s.arena_elems + s.arena_elems / 2));
   // kArenaSlack spare elements: the attention kernels load latents in whole vectors of 8.
   std::vector<uint8_t> bigger(static_cast<size_t>(elems + kArenaSlack) * cost_.elem_bytes);
-  std::memcpy(bigger.data(), s.arena.data(), static_cast<size_t>(s.used) * cost_.elem_bytes);
+  if (s.used > 0) std::memcpy(bigger.data(), s.arena.data(), static_cast<size_t>(s.used) * cost_.elem_bytes);
   s.arena.swap(bigger);
   s.arena_elems = elems;
 }
@@ -295,6 +298,7 @@ int RoundUp8(int r) { return (r + 7) & ~7; }
 // record or the arena's spare elements) is harmless. The portable paths are the same arithmetic.
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define DK_LATENT_AVX2 1
+#include <immintrin.h>
 #endif
 
 // e^x for x <= 0 (softmax weights). Cephes' expf: x = n ln2 + r, |r| <= ln2/2, a degree-6
