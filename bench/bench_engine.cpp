@@ -2,7 +2,7 @@
 // each cache configuration, at 1 and 2 threads and context 128 / 1024 — all in one run so
 // ratios against the full cache are measured under the same machine noise.
 //
-//   build/bench_engine [--model=M.gguf] [--profile=P.dkv] [--kv=full,dynakv:uniform:0.5,...]
+//   build/bench_engine [--model=M.gguf] [--profile=P.dkv] [--kv=full,dynakv:uniform:0.5,...] [--ctx=128,1024]
 //                      [google-benchmark flags, e.g. --benchmark_repetitions=3]
 // A kv spec is "full", "full-f32", or "dynakv:<policy>:<fraction>" (needs --profile).
 #include <benchmark/benchmark.h>
@@ -20,6 +20,7 @@ namespace {
 std::string g_model = std::string(DK_BENCH_DATA) + "/brown-kjv-llama-6M-f32.gguf";
 std::string g_profile;
 std::vector<std::string> g_kv_specs = {"full"};
+std::vector<int64_t> g_contexts = {128, 1024};
 std::unique_ptr<dk::Model> g_loaded;
 
 const dk::Model& GetModel() {
@@ -132,6 +133,10 @@ void ParseOwnFlags(int* argc, char** argv) {
       g_kv_specs.clear();
       std::stringstream ss(value("--kv="));
       for (std::string s; std::getline(ss, s, ',');) g_kv_specs.push_back(s);
+    } else if (a.rfind("--ctx=", 0) == 0) {
+      g_contexts.clear();
+      std::stringstream ss(value("--ctx="));
+      for (std::string s; std::getline(ss, s, ',');) g_contexts.push_back(std::stoll(s));
     } else {
       argv[out++] = argv[i];
     }
@@ -146,12 +151,12 @@ int main(int argc, char** argv) {
   for (const std::string& spec : g_kv_specs) {
     benchmark::RegisterBenchmark(("prefill/" + spec).c_str(), BM_Prefill, spec)
         ->ArgNames({"threads", "ctx"})
-        ->ArgsProduct({{1, 2}, {128, 1024}})
+        ->ArgsProduct({{1, 2}, g_contexts})
         ->Unit(benchmark::kMillisecond)
         ->UseRealTime();
     benchmark::RegisterBenchmark(("decode/" + spec).c_str(), BM_Decode, spec)
         ->ArgNames({"threads", "ctx"})
-        ->ArgsProduct({{1, 2}, {128, 1024}})
+        ->ArgsProduct({{1, 2}, g_contexts})
         ->Unit(benchmark::kMillisecond)
         ->UseRealTime();
   }
