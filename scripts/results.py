@@ -45,6 +45,33 @@ def grab(pattern, text):
     return [float(g) for g in m.groups()]
 
 
+def bench_table(path):
+    """Markdown table of a Google Benchmark JSON (mean of repetitions), with the ratio to the full cache."""
+    with open(path) as f:
+        data = json.load(f)
+    means = [b for b in data["benchmarks"] if b.get("aggregate_name", "mean") == "mean"]
+    rows, base = [], {}
+    for b in means:
+        name = b["run_name"] if "run_name" in b else b["name"]
+        kind, spec, rest = name.split("/", 2)
+        args = dict(p.split(":") for p in rest.split("/") if ":" in p)
+        key = (kind, args.get("threads"), args.get("ctx"))
+        if spec == "full":
+            base[key] = b["tok/s"]
+        rows.append((kind, spec, args.get("threads"), args.get("ctx"), b["tok/s"], b["attn_us/tok"], b["kv_B/tok"], key))
+    ctx = data.get("context", {})
+    out = ["", f"## Speed: `{os.path.basename(path)}`", "",
+           f"`scripts/bench.sh` on {ctx.get('num_cpus', '?')} CPUs at {ctx.get('mhz_per_cpu', '?')} MHz, "
+           f"{ctx.get('date', '')}; mean of the repetitions. Ratio = tokens/s over the full fp16 cache's "
+           "in the same run, same phase, threads and context.", "",
+           "| phase | cache | threads | ctx | tokens/s | ratio vs full | attention us/token | KV bytes/token |",
+           "|---|---|---|---|---|---|---|---|"]
+    for kind, spec, th, cx, tps, attn, bpt, key in rows:
+        ratio = tps / base[key] if key in base else float("nan")
+        out.append(f"| {kind} | {spec} | {th} | {cx} | {tps:.0f} | {ratio:.2f} | {attn:.1f} | {bpt:.0f} |")
+    return out + [""]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dynakv", default=os.path.join(ROOT, "build", "dynakv"))
@@ -55,7 +82,12 @@ def main():
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=100, help="chunks of valid text scored (0 = all)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse results/<config>/config.json when its command is unchanged (re-tabulate only)")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "results.md"))
+    ap.add_argument("--bench", nargs="*", default=[os.path.join(ROOT, "results", f) for f in
+                                                   ("bench-engine.json", "bench-dynakv.json")],
+                    help="Google Benchmark JSON files from scripts/bench.sh to tabulate (skipped if missing)")
     a = ap.parse_args()
     for path in (a.calib, a.valid, a.model, a.dynakv):
         if not os.path.exists(path):
@@ -79,6 +111,14 @@ def main():
                                      "--kv-budget", str(frac), "--kl-divergence"], f"dynakv-{policy}-{frac}", frac))
     for label, extra, name, frac in configs:
         cmd = base + extra
+        folder = os.path.join(ROOT, "results", name)
+        saved = os.path.join(folder, "config.json")
+        if a.reuse and os.path.exists(saved):
+            with open(saved) as f:
+                old = json.load(f)
+            if old.get("command") == cmd:
+                rows.append({k: v for k, v in old.items() if k != "command"})
+                continue
         out, secs = run(cmd)
         ppl, err = grab(r"^PPL = ([\d.]+) \+/- ([\d.]+)", out)
         kv_frac, = grab(r"^KV fraction = ([\d.]+)", out)
@@ -87,7 +127,6 @@ def main():
                             if "--kl-divergence" in extra else (0.0, 0.0, 1.0))
         rows.append(dict(label=label, target=frac, ppl=ppl, ppl_err=err, kl=kl, kl_err=kl_err, top1=top1,
                          fraction=kv_frac, bytes_per_token=bpt, seconds=secs))
-        folder = os.path.join(ROOT, "results", name)
         os.makedirs(folder, exist_ok=True)
         atomic_write(os.path.join(folder, "config.json"), json.dumps({"command": cmd, **rows[-1]}, indent=2) + "\n")
         atomic_write(os.path.join(folder, "output.txt"), out)
@@ -114,6 +153,9 @@ def main():
         lines.append(f"| {r['label']} | {target} | {r['fraction']:.4f} | {r['bytes_per_token']:.1f} | "
                      f"{r['ppl']:.3f} +/- {r['ppl_err']:.3f} | {r['kl']:.4f} +/- {r['kl_err']:.4f} | {r['top1']:.4f} |")
     lines += ["", f"Regenerate: `scripts/results.py --ctx {a.ctx} --chunks {a.chunks} --threads {a.threads}`", ""]
+    for path in a.bench:
+        if os.path.exists(path):
+            lines += bench_table(path)
     atomic_write(a.out, "\n".join(lines))
     print(f"wrote {a.out}", file=sys.stderr)
 

@@ -115,6 +115,21 @@ TEST(Cli, SamplingIsReproducibleWithASeed) {
   EXPECT_NE(a.out, c.out);
 }
 
+TEST(Cli, DynaKvFlagErrorsAreUsageErrors) {
+  struct Case {
+    std::string args, needle;
+  } cases[] = {
+      {"--kv dynakv --rank 8", "--profile: dynakv needs a calibrated profile"},
+      {"--kv frobnicate", "--kv: unknown cache method 'frobnicate'"},
+      {"--kv-dtype f8", "--kv-dtype: expected f16 or f32"},
+  };
+  for (const Case& c : cases) {
+    auto r = RunCli("perplexity -m " + kStories + " -f " + DataPath("valid.txt") + " -c 128 " + c.args);
+    EXPECT_EQ(r.exit_code, 2) << c.args << "\n" << r.err;
+    EXPECT_THAT(r.err, HasSubstr(c.needle)) << c.args;
+  }
+}
+
 TEST(Cli, PerplexityEndsWithThePplLine) {
   auto r = RunCli("perplexity -m " + kStories + " -f " + DataPath("valid.txt") + " -c 128 --chunks 4 -t 2");
   ASSERT_EQ(r.exit_code, 0) << r.err;

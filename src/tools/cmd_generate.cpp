@@ -57,7 +57,7 @@ int CmdGenerate(int argc, char** argv) {
                                             " (raise -c or shorten the prompt)"));
   }
   auto cache = CreateKvCache(kv, ModelInfoFor(m, model_path), n_ctx);
-  if (!cache.ok()) return Fail("generate", cache.status());
+  if (!cache.ok()) return CacheError("generate", p, cache.status());
   ThreadPool pool(threads);
   SetBlasThreads(threads);
   Sampler sampler(SamplerOptions{static_cast<float>(temp), top_k, static_cast<float>(top_p), seed});

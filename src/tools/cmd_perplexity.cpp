@@ -42,7 +42,7 @@ int CmdPerplexity(int argc, char** argv) {
   const std::vector<int32_t> tokens = m.tokenizer().Encode(*text, true);
   const KvModelInfo info = ModelInfoFor(m, model_path);
   auto cache = CreateKvCache(kv, info, n_ctx);
-  if (!cache.ok()) return Fail("perplexity", cache.status());
+  if (!cache.ok()) return CacheError("perplexity", p, cache.status());
   std::unique_ptr<KvCache> reference;
   if (kl) {
     auto ref = CreateKvCache(KvConfig{}, info, n_ctx);

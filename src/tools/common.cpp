@@ -15,6 +15,10 @@ int Fail(const std::string& command, const Status& status) {
   return kExitError;
 }
 
+int CacheError(const std::string& command, const ArgParser& parser, const Status& status) {
+  return status.code() == Code::kInvalidArgument ? UsageError(command, parser, status) : Fail(command, status);
+}
+
 int DefaultThreads() {
   const unsigned n = std::thread::hardware_concurrency();
   return n == 0 ? 1 : static_cast<int>(n);

@@ -20,6 +20,9 @@ int UsageError(const std::string& command, const ArgParser& parser, const Status
 // Prints "dynakv <cmd>: error: <message>" to stderr; returns kExitError.
 int Fail(const std::string& command, const Status& status);
 
+// A failed cache creation: a bad flag value (kInvalidArgument) is a usage error, the rest fail.
+int CacheError(const std::string& command, const ArgParser& parser, const Status& status);
+
 int DefaultThreads();
 void AddKvFlags(ArgParser& p, KvConfig* kv);
 // Cross-flag checks of the KV options (e.g. --rank only with uniform). InvalidArgument names the flag.
