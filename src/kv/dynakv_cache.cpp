@@ -4,7 +4,6 @@
 #include "kv/dynakv_cache.h"
 
 #include <algorithm>
-#include <bit>
 #include <cassert>
 #include <cmath>
 #include <cstring>
@@ -15,6 +14,7 @@
 #include "core/fp16.h"
 #include "core/threads.h"
 #include "ops/ops.h"
+#include "ops/simd.h"
 
 namespace dk {
 
@@ -301,39 +301,10 @@ int RoundUp8(int r) { return (r + 7) & ~7; }
 #include <immintrin.h>
 #endif
 
-// e^x for x <= 0 (softmax weights). Cephes' expf: x = n ln2 + r, |r| <= ln2/2, a degree-6
-// polynomial in r, scaled by 2^n through the exponent bits; ~2 ulp; 0 below e^-87.
-constexpr float kExpLo = -87.0f, kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
-constexpr float kExpP[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
-                            4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
-
-inline float ExpNonPositive(float x) {
-  const float xc = std::max(x, kExpLo);
-  const float n = std::floor(xc * kLog2e + 0.5f);
-  const float r = xc - n * kLn2Hi - n * kLn2Lo;
-  float p = kExpP[0];
-  for (int i = 1; i < 6; ++i) p = p * r + kExpP[i];
-  const float e = p * r * r + r + 1.0f;
-  return x < kExpLo ? 0.0f : e * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
-}
-
 inline float Elem(const uint16_t* c, int j) { return Fp16ToFp32(c[j]); }
 inline float Elem(const float* c, int j) { return c[j]; }
 
 #ifdef DK_LATENT_AVX2
-inline __m256 Exp8(__m256 x) {
-  const __m256 xc = _mm256_max_ps(x, _mm256_set1_ps(kExpLo));
-  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(xc, _mm256_set1_ps(kLog2e), _mm256_set1_ps(0.5f)));
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), xc);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
-  __m256 p = _mm256_set1_ps(kExpP[0]);
-  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP[i]));
-  const __m256 e = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
-  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  const __m256 y = _mm256_mul_ps(e, _mm256_castsi256_ps(bits));
-  return _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_set1_ps(kExpLo), _CMP_LT_OQ), y);
-}
-
 inline __m256 Load8(const uint16_t* c, int j) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + j)));
 }
@@ -347,26 +318,6 @@ inline __m256 Load8(const T* c, int j, int r) {
   return _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(r - j), lanes)));
 }
 #endif
-
-// x[t] = e^(x[t] - mx) for t < n; returns the sum.
-inline float ExpShiftSum(float* x, int n, float mx) {
-  int t = 0;
-  float sum = 0.0f;
-#ifdef DK_LATENT_AVX2
-  __m256 acc = _mm256_setzero_ps();
-  const __m256 m = _mm256_set1_ps(mx);
-  for (; t + 8 <= n; t += 8) {
-    const __m256 e = Exp8(_mm256_sub_ps(_mm256_loadu_ps(x + t), m));
-    _mm256_storeu_ps(x + t, e);
-    acc = _mm256_add_ps(acc, e);
-  }
-  float lanes[8];
-  _mm256_storeu_ps(lanes, acc);
-  for (float l : lanes) sum += l;
-#endif
-  for (; t < n; ++t) sum += (x[t] = ExpNonPositive(x[t] - mx));
-  return sum;
-}
 
 // s[k * ls] += q_k . c over the r numbers of latent c, for 4 heads at once (c loaded once).
 // q rows are `ld` apart and hold at least r rounded up to 8 numbers.
