@@ -192,7 +192,7 @@ KvConfig Config(const std::string& policy, int rank, double tau, double budget, 
 }
 
 std::unique_ptr<DynaKvCache> MakeCache(const KvConfig& c, const DynaKvProfile& p, int capacity) {
-  auto cache = CreateDynaKvCacheFromProfile(c, Info(), capacity, p, "test-profile");
+  auto cache = CreateDynaKvCacheFromProfile(c, Info(), capacity, std::make_shared<const DynaKvProfile>(p), "test-profile");
   EXPECT_TRUE(cache.ok()) << cache.status().ToString();
   return cache.ok() ? std::move(cache).value() : nullptr;
 }
@@ -349,7 +349,7 @@ TEST(DynaKv, LatentAttentionMatchesReconstructReference) {
     SCOPED_TRACE(std::string(c.dtype) + " first=" + std::to_string(c.first) + " n=" + std::to_string(c.n) +
                  " threads=" + std::to_string(c.threads));
     const KvDtype dt = std::string(c.dtype) == "f16" ? KvDtype::kF16 : KvDtype::kF32;
-    DynaKvCache cache(s, c.first + c.n, dt, prof, std::make_unique<RandomRankPolicy>(D, seed++));
+    DynaKvCache cache(s, c.first + c.n, dt, std::make_shared<const DynaKvProfile>(prof), std::make_unique<RandomRankPolicy>(D, seed++));
     ThreadPool pool(c.threads);
     std::mt19937 rng(seed++);
     const std::vector<int> layers = {0, 2, 5};
@@ -407,7 +407,7 @@ TEST(DynaKv, LatentAttentionMatchesReconstructReference) {
 TEST(DynaKv, BytesUsedFollowsTheLayout) {
   const KvShape s = TheModel().config().kv_shape();
   for (const KvDtype dt : {KvDtype::kF16, KvDtype::kF32}) {
-    DynaKvCache cache(s, 300, dt, RandomProfile(3), std::make_unique<RandomRankPolicy>(s.kv_dim(), 5));
+    DynaKvCache cache(s, 300, dt, std::make_shared<const DynaKvProfile>(RandomProfile(3)), std::make_unique<RandomRankPolicy>(s.kv_dim(), 5));
     EXPECT_EQ(cache.BytesUsed(), 0u);
     WriteBatch(cache, EvalRows(), 0, 130);
     WriteBatch(cache, EvalRows(), 130, 1);
@@ -514,7 +514,7 @@ TEST(DynaKv, EnergyRankMonotoneInTau) {
 // ---- (5) factory errors and capacity --------------------------------------------------------------
 
 std::string CreateError(const KvConfig& c, const DynaKvProfile& p) {
-  auto cache = CreateDynaKvCacheFromProfile(c, Info(), 64, p, "test-profile");
+  auto cache = CreateDynaKvCacheFromProfile(c, Info(), 64, std::make_shared<const DynaKvProfile>(p), "test-profile");
   EXPECT_FALSE(cache.ok());
   if (cache.ok()) return "";
   EXPECT_EQ(cache.status().code(), Code::kInvalidArgument) << cache.status().ToString();

@@ -98,7 +98,7 @@ std::string ExpectRefused(const std::vector<uint8_t>& bytes, const std::string& 
   return r.status().message();
 }
 
-// Offsets of header fields in a version-1 file (magic 8, version 4, fingerprint 8, name length 4).
+// Offsets of header fields (magic 8, version 4, fingerprint 8, name length 4), the same in versions 1 and 2.
 constexpr size_t kVersionOffset = 8;
 constexpr size_t kNameLenOffset = 20;
 size_t NLayerOffset(const DynaKvProfile& p) { return kNameLenOffset + 4 + p.model_name.size(); }
@@ -139,7 +139,8 @@ TEST(Profile, LayoutAndChecksumAreAsDocumented) {
   ASSERT_EQ(Crc32Reference(check, sizeof(check)), 0xCBF43926u);  // the standard check value
   const DynaKvProfile p = MakeProfile(2, 1, 3, 12);
   const std::vector<uint8_t> bytes = SerializeProfile(p);
-  ASSERT_EQ(bytes.size(), 52 + p.model_name.size() + 4 * p.levels.size() + 2 * 2 * (4 * 9 + 4 * 3 + 8 * 3));
+  // Version 2 without a router: 52 bytes of fixed fields in version 1, plus flags and router width.
+  ASSERT_EQ(bytes.size(), 60 + p.model_name.size() + 4 * p.levels.size() + 2 * 2 * (4 * 9 + 4 * 3 + 8 * 3));
   EXPECT_EQ(std::memcmp(bytes.data(), "DKVPROF\0", 8), 0);
   uint32_t u32 = 0;
   uint64_t u64 = 0;
@@ -151,8 +152,13 @@ TEST(Profile, LayoutAndChecksumAreAsDocumented) {
   EXPECT_EQ(u32, p.model_name.size());
   std::memcpy(&u32, bytes.data() + NLayerOffset(p), 4);
   EXPECT_EQ(u32, 2u);
-  float first_basis = 0.0f;  // layer 0 K basis[0] right after n_calib_tokens
-  std::memcpy(&first_basis, bytes.data() + NLayerOffset(p) + 16 + 4 * p.levels.size() + 8, 4);
+  const size_t after_calib = NLayerOffset(p) + 16 + 4 * p.levels.size() + 8;  // flags, then router width
+  std::memcpy(&u32, bytes.data() + after_calib, 4);
+  EXPECT_EQ(u32, 0u);
+  std::memcpy(&u32, bytes.data() + after_calib + 4, 4);
+  EXPECT_EQ(u32, 0u);
+  float first_basis = 0.0f;  // layer 0 K basis[0] right after the router width (no router)
+  std::memcpy(&first_basis, bytes.data() + after_calib + 8, 4);
   EXPECT_EQ(first_basis, p.k[0].basis[0]);
   std::memcpy(&u32, bytes.data() + bytes.size() - 4, 4);
   EXPECT_EQ(u32, Crc32Reference(bytes.data() + 12, bytes.size() - 16));
@@ -190,15 +196,20 @@ TEST(Profile, TrailingBytesAreRefused) {
 TEST(Profile, EveryFlippedByteIsRefused) {
   const DynaKvProfile p = MakeProfile(2, 1, 4, 5);
   const std::vector<uint8_t> bytes = SerializeProfile(p);
-  const size_t body = NLayerOffset(p) + 4 * 4 + 4 * p.levels.size() + 8;  // first byte of the bases
+  // First byte of the bases: after n_layer .. n_levels, the levels, n_calib_tokens, flags and the
+  // router width (0: no router).
+  const size_t body = NLayerOffset(p) + 4 * 4 + 4 * p.levels.size() + 8 + 4 + 4;
   for (size_t i = 0; i < bytes.size(); ++i) {
     for (uint8_t mask : {uint8_t{0x01}, uint8_t{0x80}}) {
       std::vector<uint8_t> bad = bytes;
       bad[i] ^= mask;
-      // In the version field every flip but the lowest bit (1 -> 0) makes a "future" version.
+      // A flip in the version field that makes a version above the current one is "newer than
+      // this build"; one that makes an older (or zero) version is read as such and fails as corrupt.
       const bool in_version = i >= kVersionOffset && i < kVersionOffset + 4;
+      uint32_t flipped_version = 0;
+      std::memcpy(&flipped_version, bad.data() + kVersionOffset, 4);
       const Code code =
-          in_version && !(i == kVersionOffset && mask == 0x01) ? Code::kUnimplemented : Code::kCorrupt;
+          in_version && flipped_version > DynaKvProfile::kFormatVersion ? Code::kUnimplemented : Code::kCorrupt;
       const std::string what = "byte " + std::to_string(i) + " ^ " + std::to_string(mask);
       const std::string msg = ExpectRefused(bad, what, code);
       // A flip in the bases (or in the stored CRC) can only be caught by the checksum.
@@ -347,6 +358,121 @@ TEST(Profile, ExplainedVariance) {
   EXPECT_THAT(ExplainedVarianceTable(p), HasSubstr("0.4000"));
   p.k[0].eigenvalues = {0.0, 0.0, 0.0, 0.0};
   EXPECT_DOUBLE_EQ(p.ExplainedVariance(p.k[0], 1), 1.0);
+}
+
+// A router with random weights and a valid budget table for profile p.
+Router MakeRouter(const DynaKvProfile& p, int n_embd, int hidden, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nf(0.0f, 1.0f);
+  Router r;
+  r.n_embd = n_embd;
+  r.hidden = hidden;
+  r.target = 0.25;
+  r.info = "{\"steps\": 3}";
+  const size_t L = p.levels.size(), H = hidden, E = n_embd;
+  auto rnd = [&](size_t n) {
+    std::vector<float> v(n);
+    for (float& x : v) x = nf(rng);
+    return v;
+  };
+  for (int l = 0; l < p.n_layer; ++l) r.layers.push_back({rnd(H * E), rnd(H), rnd(L * H), rnd(L), rnd(L * H), rnd(L)});
+  for (int i = 0; i < 5; ++i) r.budget.push_back({-1.0 + i, std::vector<double>(p.n_layer, 0.1 + 0.2 * i)});
+  return r;
+}
+
+TEST(Profile, RouterRoundTripIsBitIdentical) {
+  DynaKvProfile p = MakeProfile(3, 2, 4, 31);
+  p.router = MakeRouter(p, 16, 5, 32);
+  p.flags = DynaKvProfile::kFlagTrainedBases;
+  const std::string path = W::TempPath("router.dkv");
+  ASSERT_TRUE(SaveProfile(p, path).ok());
+  const std::vector<uint8_t> first = ReadBytes(path);
+  EXPECT_EQ(first.size(), ProfileFileBytes(p));
+  auto loaded = LoadProfile(path);
+  ASSERT_TRUE(loaded.ok()) << loaded.status().ToString();
+  ExpectSameProfile(p, *loaded);
+  EXPECT_EQ(loaded->flags, p.flags);
+  ASSERT_TRUE(loaded->router.has_value());
+  const Router& a = *p.router;
+  const Router& b = *loaded->router;
+  EXPECT_EQ(a.n_embd, b.n_embd);
+  EXPECT_EQ(a.hidden, b.hidden);
+  EXPECT_EQ(a.target, b.target);
+  EXPECT_EQ(a.info, b.info);
+  for (size_t l = 0; l < a.layers.size(); ++l) {
+    EXPECT_TRUE(SameBits(a.layers[l].w1, b.layers[l].w1)) << l;
+    EXPECT_TRUE(SameBits(a.layers[l].b2v, b.layers[l].b2v)) << l;
+  }
+  ASSERT_EQ(a.budget.size(), b.budget.size());
+  for (size_t i = 0; i < a.budget.size(); ++i) {
+    EXPECT_EQ(a.budget[i].beta, b.budget[i].beta);
+    EXPECT_EQ(a.budget[i].fraction, b.budget[i].fraction);
+  }
+  ASSERT_TRUE(SaveProfile(*loaded, path).ok());
+  EXPECT_EQ(ReadBytes(path), first);
+  // Every truncation of a file with a router is refused too.
+  for (size_t cut = 0; cut < first.size(); cut += 7) {
+    ExpectRefused(std::vector<uint8_t>(first.begin(), first.begin() + cut), "router file cut at " + std::to_string(cut));
+  }
+  std::remove(path.c_str());
+}
+
+TEST(Profile, BadRoutersAreRefused) {
+  DynaKvProfile p = MakeProfile(2, 1, 4, 33);
+  const std::string path = W::TempPath("badrouter.dkv");
+  p.router = MakeRouter(p, 8, 3, 34);
+  p.router->layers[1].w2k.pop_back();
+  EXPECT_FALSE(SaveProfile(p, path).ok());
+  p.router = MakeRouter(p, 8, 3, 34);
+  p.router->layers[0].b1[2] = std::numeric_limits<float>::infinity();
+  EXPECT_THAT(ValidateProfile(p, "x").message(), HasSubstr("router layer 0 b1"));
+  p.router = MakeRouter(p, 8, 3, 34);
+  p.router->budget[2].beta = p.router->budget[1].beta;
+  EXPECT_THAT(ValidateProfile(p, "x").message(), HasSubstr("increasing"));
+  p.router = MakeRouter(p, 8, 3, 34);
+  p.router->target = 0.0;
+  EXPECT_THAT(ValidateProfile(p, "x").message(), HasSubstr("target"));
+  p.router = MakeRouter(p, 8, 3, 34);
+  p.flags = 0x80;
+  EXPECT_THAT(ValidateProfile(p, "x").message(), HasSubstr("flags"));
+  EXPECT_FALSE(std::ifstream(path).good()) << "an invalid profile was written";
+}
+
+TEST(Profile, RouterForAnotherWidthIsRefused) {
+  DynaKvProfile p = MakeProfile(2, 2, 4, 35);
+  p.router = MakeRouter(p, 16, 3, 36);
+  KvModelInfo model;
+  model.shape = KvShape{2, 4, 2, 4, 32};
+  model.fingerprint = p.model_fingerprint;
+  model.model_path = "m.gguf";
+  const Status s = CheckProfileMatchesModel(p, model, "p.dkv");
+  ASSERT_FALSE(s.ok());
+  EXPECT_THAT(s.message(), HasSubstr("width 16"));
+  EXPECT_THAT(s.message(), HasSubstr("n_embd=32"));
+}
+
+// A version-1 file written by the previous release (tests/data/stories260K-v1.dkv, calibrated on
+// stories260K) still loads, and re-saving it as version 2 keeps every number.
+TEST(Profile, VersionOneFilesStillLoad) {
+  const std::string v1 = std::string(DK_TEST_DATA) + "/stories260K-v1.dkv";
+  const std::vector<uint8_t> bytes = ReadBytes(v1);
+  ASSERT_GT(bytes.size(), 12u);
+  uint32_t version;
+  std::memcpy(&version, bytes.data() + kVersionOffset, 4);
+  ASSERT_EQ(version, 1u);
+  auto p = LoadProfile(v1);
+  ASSERT_TRUE(p.ok()) << p.status().ToString();
+  EXPECT_FALSE(p->router.has_value());
+  EXPECT_EQ(p->flags, 0u);
+  EXPECT_EQ(p->n_layer, 5);
+  EXPECT_EQ(p->kv_dim(), 32);
+  const std::string path = W::TempPath("v2.dkv");
+  ASSERT_TRUE(SaveProfile(*p, path).ok());
+  EXPECT_EQ(ReadBytes(path).size(), bytes.size() + 8) << "version 2 adds the flags and the router width";
+  auto again = LoadProfile(path);
+  ASSERT_TRUE(again.ok()) << again.status().ToString();
+  ExpectSameProfile(*p, *again);
+  std::remove(path.c_str());
 }
 
 }  // namespace

@@ -43,8 +43,8 @@ RecordCost DynaKvCache::CostFor(int kv_dim, KvDtype dtype) {
   return c;
 }
 
-DynaKvCache::DynaKvCache(const KvShape& shape, int capacity, KvDtype dtype, DynaKvProfile profile,
-                         std::unique_ptr<RankPolicy> policy)
+DynaKvCache::DynaKvCache(const KvShape& shape, int capacity, KvDtype dtype,
+                         std::shared_ptr<const DynaKvProfile> profile, std::unique_ptr<RankPolicy> policy)
     : KvCache(shape, capacity),
       dtype_(dtype),
       profile_(std::move(profile)),
@@ -127,8 +127,8 @@ void DynaKvCache::Write(int layer, const KvPlan& plan, const float* k, const flo
   ck_.resize(rows);
   cv_.resize(rows);
   ranks_.resize(n);
-  EncodeRows(k, profile_.k[layer], n, Dk, xc_.data(), ck_.data());
-  EncodeRows(v, profile_.v[layer], n, Dk, xc_.data(), cv_.data());
+  EncodeRows(k, profile_->k[layer], n, Dk, xc_.data(), ck_.data());
+  EncodeRows(v, profile_->v[layer], n, Dk, xc_.data(), cv_.data());
   policy_->Choose(layer, n, ck_.data(), cv_.data(), x, ranks_.data());
 
   int64_t need = s.used;
@@ -193,7 +193,7 @@ void DynaKvCache::Reconstruct(int layer, int t, bool value, double* dst) const {
   const int r = value ? rv : rk;
   std::vector<float> c(r);
   ReadLatent(layers_[layer], value ? off + rk : off, r, c.data());
-  const BasisSet& b = value ? profile_.v[layer] : profile_.k[layer];
+  const BasisSet& b = value ? profile_->v[layer] : profile_->k[layer];
   for (int i = 0; i < Dk; ++i) {
     double acc = b.mean[i];
     for (int j = 0; j < r; ++j) acc += static_cast<double>(b.basis[static_cast<size_t>(i) * Dk + j]) * c[j];
@@ -250,7 +250,7 @@ void DynaKvCache::AttendReference(int layer, const KvPlan& plan, const float* q,
 void DynaKvCache::ProjectQueries(int layer, int n, const float* q) {
   const int d = shape_.head_dim, Hq = shape_.n_head, group = Hq / shape_.n_head_kv, Dk = D();
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  const BasisSet& bk = profile_.k[layer];
+  const BasisSet& bk = profile_->k[layer];
   qt_.resize(static_cast<size_t>(n) * Hq * Dk);
   mterm_.resize(static_cast<size_t>(n) * Hq);
   for (int h = 0; h < Hq; ++h) {
@@ -265,7 +265,7 @@ void DynaKvCache::ProjectQueries(int layer, int n, const float* q) {
 
 void DynaKvCache::ProjectOutputs(int layer, int n, int r_max, float* out) {
   const int d = shape_.head_dim, Hq = shape_.n_head, group = Hq / shape_.n_head_kv, Dk = D();
-  const BasisSet& bv = profile_.v[layer];
+  const BasisSet& bv = profile_->v[layer];
   for (int h = 0; h < Hq; ++h) {
     const int64_t g = h / group;
     // o_h = U_V,h a_h + mu_V,h; a_h is zero past r_max, so only U_V,h[:, :r_max] is needed.
@@ -550,13 +550,15 @@ void DynaKvCache::AttendGemm(int layer, const KvPlan& plan, float* out, ThreadPo
 // ---- Factory --------------------------------------------------------------------------------------
 
 StatusOr<std::unique_ptr<DynaKvCache>> CreateDynaKvCacheFromProfile(const KvConfig& config, const KvModelInfo& model,
-                                                                    int capacity, DynaKvProfile profile,
+                                                                    int capacity,
+                                                                    std::shared_ptr<const DynaKvProfile> profile,
                                                                     const std::string& origin) {
   if (config.dtype != "f16" && config.dtype != "f32")
     return InvalidArgument("--kv-dtype: dynakv stores latents as f16 or f32, found '" + config.dtype + "'");
   const KvDtype dtype = config.dtype == "f16" ? KvDtype::kF16 : KvDtype::kF32;
-  DK_RETURN_IF_ERROR(ValidateProfile(profile, origin));
-  DK_RETURN_IF_ERROR(CheckProfileMatchesModel(profile, model, origin));
+  if (profile == nullptr) return InvalidArgument("dynakv: no profile given");
+  DK_RETURN_IF_ERROR(ValidateProfile(*profile, origin));
+  DK_RETURN_IF_ERROR(CheckProfileMatchesModel(*profile, model, origin));
   const KvShape& shape = model.shape;
   if (shape.n_head_kv <= 0 || shape.n_head % shape.n_head_kv != 0)
     return InvalidArgument("dynakv: " + std::to_string(shape.n_head) + " query heads are not a multiple of " +
@@ -569,8 +571,10 @@ StatusOr<std::unique_ptr<DynaKvCache>> CreateDynaKvCacheFromProfile(const KvConf
   ctx.n_layer = shape.n_layer;
   ctx.kv_dim = shape.kv_dim();
   ctx.n_embd = shape.n_embd;
-  ctx.levels = profile.levels;
+  ctx.levels = profile->levels;
   ctx.cost = DynaKvCache::CostFor(shape.kv_dim(), dtype);
+  ctx.profile = profile;
+  ctx.origin = origin;
   std::unique_ptr<RankPolicy> policy;
   DK_ASSIGN_OR_RETURN(policy, CreateRankPolicy(config, ctx));
   return std::make_unique<DynaKvCache>(shape, capacity, dtype, std::move(profile), std::move(policy));
@@ -582,7 +586,8 @@ StatusOr<std::unique_ptr<KvCache>> CreateDynaKvCache(const KvConfig& config, con
   DynaKvProfile profile;
   DK_ASSIGN_OR_RETURN(profile, LoadProfile(config.profile_path));
   std::unique_ptr<DynaKvCache> cache;
-  DK_ASSIGN_OR_RETURN(cache, CreateDynaKvCacheFromProfile(config, model, capacity, std::move(profile),
+  DK_ASSIGN_OR_RETURN(cache, CreateDynaKvCacheFromProfile(config, model, capacity,
+                                                          std::make_shared<const DynaKvProfile>(std::move(profile)),
                                                           config.profile_path));
   return std::unique_ptr<KvCache>(std::move(cache));
 }

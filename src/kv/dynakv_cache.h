@@ -23,7 +23,8 @@ class DynaKvCache final : public KvCache {
   static constexpr int kArenaSlack = 8;   // spare elements after each arena (vector loads)
 
   // The profile must match the shape (the factory checks it against the model).
-  DynaKvCache(const KvShape& shape, int capacity, KvDtype dtype, DynaKvProfile profile,
+  // The profile is shared read-only: many caches (sequences, server slots) use one copy.
+  DynaKvCache(const KvShape& shape, int capacity, KvDtype dtype, std::shared_ptr<const DynaKvProfile> profile,
               std::unique_ptr<RankPolicy> policy);
 
   std::string name() const override;
@@ -38,7 +39,7 @@ class DynaKvCache final : public KvCache {
   static RecordCost CostFor(int kv_dim, KvDtype dtype);
   const RecordCost& cost() const { return cost_; }
   const RankPolicy& policy() const { return *policy_; }
-  const DynaKvProfile& profile() const { return profile_; }
+  const DynaKvProfile& profile() const { return *profile_; }
   int tokens_in_layer(int layer) const { return layers_[layer].n; }
 
   // Reference path for tests: token t's stored ranks, and its rank-r reconstruction
@@ -90,7 +91,7 @@ class DynaKvCache final : public KvCache {
   void AttendGemm(int layer, const KvPlan& plan, float* out, ThreadPool& pool);
 
   KvDtype dtype_;
-  DynaKvProfile profile_;
+  std::shared_ptr<const DynaKvProfile> profile_;
   std::unique_ptr<RankPolicy> policy_;
   int meta_width_;  // bytes per rank: 1 when D <= 256 (rank - 1 fits a byte), else 2
   RecordCost cost_;
@@ -111,7 +112,8 @@ class DynaKvCache final : public KvCache {
 StatusOr<std::unique_ptr<KvCache>> CreateDynaKvCache(const KvConfig& config, const KvModelInfo& model, int capacity);
 // Same with a profile already in memory (tests, tools); `origin` names it in messages.
 StatusOr<std::unique_ptr<DynaKvCache>> CreateDynaKvCacheFromProfile(const KvConfig& config, const KvModelInfo& model,
-                                                                    int capacity, DynaKvProfile profile,
+                                                                    int capacity,
+                                                                    std::shared_ptr<const DynaKvProfile> profile,
                                                                     const std::string& origin);
 
 }  // namespace dk

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <memory>
 
+#include "core/crc32.h"
 #include "core/mapped_file.h"
 #include "kv/registry.h"
 
@@ -28,25 +29,10 @@ constexpr uint32_t kMaxLayers = 4096;
 constexpr uint32_t kMaxHeadsKv = 4096;
 constexpr uint32_t kMaxHeadDim = 4096;
 constexpr uint32_t kMaxKvDim = 32768;
-
-// CRC-32 (IEEE 802.3, reflected polynomial 0xEDB88320), table-driven, one byte at a time.
-constexpr std::array<uint32_t, 256> MakeCrcTable() {
-  std::array<uint32_t, 256> t{};
-  for (uint32_t i = 0; i < 256; ++i) {
-    uint32_t c = i;
-    for (int b = 0; b < 8; ++b) c = (c & 1u) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
-    t[i] = c;
-  }
-  return t;
-}
-constexpr std::array<uint32_t, 256> kCrcTable = MakeCrcTable();
-
-uint32_t Crc32(const uint8_t* data, size_t n) {
-  uint32_t c = 0xFFFFFFFFu;
-  for (size_t i = 0; i < n; ++i) c = kCrcTable[(c ^ data[i]) & 0xFFu] ^ (c >> 8);
-  return c ^ 0xFFFFFFFFu;
-}
-static_assert(MakeCrcTable()[1] == 0x77073096u, "CRC-32 table");
+constexpr uint32_t kMaxRouterHidden = 4096;
+constexpr uint32_t kMaxEmbd = 1u << 20;
+constexpr uint32_t kMaxInfoBytes = 1u << 20;
+constexpr uint32_t kMaxBudgetRows = 4096;
 
 std::string Hex64(uint64_t x) {
   char buf[24];
@@ -62,6 +48,12 @@ std::string Hex32(uint32_t x) {
 
 // Bytes one BasisSet takes in the file: basis D*D f32, mean D f32, eigenvalues D f64.
 uint64_t BasisSetBytes(uint64_t D) { return D * D * 4 + D * 4 + D * 8; }
+
+// Bytes of the router's weights (all layers) and of its budget table in a version-2 file.
+uint64_t RouterWeightBytes(uint64_t n_layer, uint64_t E, uint64_t H, uint64_t L) {
+  return n_layer * 4 * (H * E + H + 2 * (L * H + L));
+}
+uint64_t BudgetBytes(uint64_t n_layer, uint64_t rows) { return rows * 8 * (1 + n_layer); }
 
 class Writer {
  public:
@@ -157,6 +149,62 @@ Status ReadBasisSet(Reader& r, int D, BasisSet* b) {
   return r.Raw(b->eigenvalues.data(), d * sizeof(double), "eigenvalues");
 }
 
+template <typename V>
+Status CheckFinite(const V& v, const std::string& where) {
+  for (size_t i = 0; i < v.size(); ++i)
+    if (!std::isfinite(v[i])) return Corrupt(where + ": entry " + std::to_string(i) + " is not finite");
+  return Status::Ok();
+}
+
+Status ValidateRouter(const Router& r, int n_layer, int L, const std::string& origin) {
+  if (r.hidden < 1 || static_cast<uint32_t>(r.hidden) > kMaxRouterHidden || r.n_embd < 1 ||
+      static_cast<uint32_t>(r.n_embd) > kMaxEmbd)
+    return Corrupt(origin + ": router hidden width " + std::to_string(r.hidden) + " and input width " +
+                   std::to_string(r.n_embd) + " must be in [1, " + std::to_string(kMaxRouterHidden) + "] and [1, " +
+                   std::to_string(kMaxEmbd) + "]");
+  if (!(r.target > 0.0 && r.target <= 1.0))
+    return Corrupt(origin + ": router target fraction " + std::to_string(r.target) + " is outside (0, 1]");
+  if (r.info.size() > kMaxInfoBytes)
+    return Corrupt(origin + ": router info of " + std::to_string(r.info.size()) + " bytes, at most " +
+                   std::to_string(kMaxInfoBytes));
+  if (r.layers.size() != static_cast<size_t>(n_layer))
+    return Corrupt(origin + ": router has " + std::to_string(r.layers.size()) + " layers, the profile " +
+                   std::to_string(n_layer));
+  const size_t E = r.n_embd, H = r.hidden, Ls = static_cast<size_t>(L);
+  for (int l = 0; l < n_layer; ++l) {
+    const RouterLayer& w = r.layers[l];
+    const std::string where = origin + ": router layer " + std::to_string(l);
+    if (w.w1.size() != H * E || w.b1.size() != H || w.w2k.size() != Ls * H || w.b2k.size() != Ls ||
+        w.w2v.size() != Ls * H || w.b2v.size() != Ls)
+      return Corrupt(where + ": expected w1 [" + std::to_string(H) + "][" + std::to_string(E) + "], b1 [" +
+                     std::to_string(H) + "], w2k and w2v [" + std::to_string(Ls) + "][" + std::to_string(H) +
+                     "], b2k and b2v [" + std::to_string(Ls) + "]");
+    DK_RETURN_IF_ERROR(CheckFinite(w.w1, where + " w1"));
+    DK_RETURN_IF_ERROR(CheckFinite(w.b1, where + " b1"));
+    DK_RETURN_IF_ERROR(CheckFinite(w.w2k, where + " w2k"));
+    DK_RETURN_IF_ERROR(CheckFinite(w.b2k, where + " b2k"));
+    DK_RETURN_IF_ERROR(CheckFinite(w.w2v, where + " w2v"));
+    DK_RETURN_IF_ERROR(CheckFinite(w.b2v, where + " b2v"));
+  }
+  if (r.budget.size() > kMaxBudgetRows)
+    return Corrupt(origin + ": router budget table of " + std::to_string(r.budget.size()) + " rows, at most " +
+                   std::to_string(kMaxBudgetRows));
+  for (size_t i = 0; i < r.budget.size(); ++i) {
+    const RouterBudgetRow& row = r.budget[i];
+    const std::string where = origin + ": router budget row " + std::to_string(i);
+    if (row.fraction.size() != static_cast<size_t>(n_layer))
+      return Corrupt(where + ": " + std::to_string(row.fraction.size()) + " fractions for " +
+                     std::to_string(n_layer) + " layers");
+    if (!std::isfinite(row.beta) || (i > 0 && row.beta <= r.budget[i - 1].beta))
+      return Corrupt(where + ": beta must be finite and increasing");
+    for (double f : row.fraction)
+      if (!(f > 0.0 && f <= 1.5)) return Corrupt(where + ": fraction " + std::to_string(f) + " outside (0, 1.5]");
+    if (i > 0 && Router::MeanFraction(row) < Router::MeanFraction(r.budget[i - 1]))
+      return Corrupt(where + ": mean fraction decreases as beta grows");
+  }
+  return Status::Ok();
+}
+
 std::string LevelsString(const std::vector<int>& levels) {
   std::string s;
   for (int l : levels) {
@@ -246,13 +294,22 @@ Status ValidateProfile(const DynaKvProfile& p, const std::string& origin) {
     DK_RETURN_IF_ERROR(ValidateBasisSet(p.k[l], static_cast<int>(D), origin + ": layer " + std::to_string(l) + " K"));
     DK_RETURN_IF_ERROR(ValidateBasisSet(p.v[l], static_cast<int>(D), origin + ": layer " + std::to_string(l) + " V"));
   }
+  if ((p.flags & ~DynaKvProfile::kFlagTrainedBases) != 0)
+    return Corrupt(origin + ": unknown flags " + Hex32(p.flags));
+  if (p.router) DK_RETURN_IF_ERROR(ValidateRouter(*p.router, p.n_layer, static_cast<int>(p.levels.size()), origin));
   return Status::Ok();
 }
 
 uint64_t ProfileFileBytes(const DynaKvProfile& p) {
-  const uint64_t D = static_cast<uint64_t>(p.kv_dim());
-  const uint64_t header = 8 + 4 + p.model_name.size() + 4 * 3 + 4 + 4 * p.levels.size() + 8;
-  return kPreambleBytes + header + static_cast<uint64_t>(p.n_layer) * 2 * BasisSetBytes(D) + 4;
+  const uint64_t D = static_cast<uint64_t>(p.kv_dim()), NL = static_cast<uint64_t>(p.n_layer);
+  uint64_t header = 8 + 4 + p.model_name.size() + 4 * 3 + 4 + 4 * p.levels.size() + 8 + 4 + 4;
+  uint64_t router = 0;
+  if (p.router) {
+    const Router& r = *p.router;
+    header += 4 + 8 + 4 + r.info.size() + 4;
+    router = RouterWeightBytes(NL, r.n_embd, r.hidden, p.levels.size()) + BudgetBytes(NL, r.budget.size());
+  }
+  return kPreambleBytes + header + NL * 2 * BasisSetBytes(D) + router + 4;
 }
 
 std::vector<uint8_t> SerializeProfile(const DynaKvProfile& p) {
@@ -268,11 +325,29 @@ std::vector<uint8_t> SerializeProfile(const DynaKvProfile& p) {
   w.Pod<uint32_t>(static_cast<uint32_t>(p.levels.size()));
   for (int l : p.levels) w.Pod<uint32_t>(static_cast<uint32_t>(l));
   w.Pod<int64_t>(p.n_calib_tokens);
+  w.Pod<uint32_t>(p.flags);
+  w.Pod<uint32_t>(p.router ? static_cast<uint32_t>(p.router->hidden) : 0u);
+  if (p.router) {
+    w.Pod<uint32_t>(static_cast<uint32_t>(p.router->n_embd));
+    w.Pod<double>(p.router->target);
+    w.Pod<uint32_t>(static_cast<uint32_t>(p.router->info.size()));
+    w.Raw(p.router->info.data(), p.router->info.size());
+    w.Pod<uint32_t>(static_cast<uint32_t>(p.router->budget.size()));
+  }
   for (int l = 0; l < p.n_layer; ++l) {
     for (const BasisSet* b : {&p.k[l], &p.v[l]}) {
       w.Array(b->basis);
       w.Array(b->mean);
       w.Array(b->eigenvalues);
+    }
+  }
+  if (p.router) {
+    for (const RouterLayer& rl : p.router->layers) {
+      for (const std::vector<float>* a : {&rl.w1, &rl.b1, &rl.w2k, &rl.b2k, &rl.w2v, &rl.b2v}) w.Array(*a);
+    }
+    for (const RouterBudgetRow& row : p.router->budget) {
+      w.Pod<double>(row.beta);
+      w.Array(row.fraction);
     }
   }
   std::vector<uint8_t>& bytes = w.bytes();
@@ -320,6 +395,7 @@ StatusOr<DynaKvProfile> LoadProfile(const std::string& path) {
                    std::to_string(DynaKvProfile::kFormatVersion) + ")");
 
   DynaKvProfile p;
+  p.file_version = version;
   uint32_t name_len = 0, n_layer = 0, n_head_kv = 0, head_dim = 0, n_levels = 0;
   DK_RETURN_IF_ERROR(r.Pod(&p.model_fingerprint, "model fingerprint"));
   DK_RETURN_IF_ERROR(r.U32InRange(&name_len, 0, kMaxNameBytes, "model name length"));
@@ -349,9 +425,30 @@ StatusOr<DynaKvProfile> LoadProfile(const std::string& path) {
   p.n_layer = static_cast<int>(n_layer);
   p.n_head_kv = static_cast<int>(n_head_kv);
   p.head_dim = static_cast<int>(head_dim);
+  uint32_t hidden = 0, n_embd = 0, info_len = 0, n_rows = 0;
+  if (version >= 2) {
+    DK_RETURN_IF_ERROR(r.Pod(&p.flags, "flags"));
+    DK_RETURN_IF_ERROR(r.U32InRange(&hidden, 0, kMaxRouterHidden, "router hidden width"));
+    if (hidden > 0) {
+      p.router.emplace();
+      p.router->hidden = static_cast<int>(hidden);
+      DK_RETURN_IF_ERROR(r.U32InRange(&n_embd, 1, kMaxEmbd, "router input width"));
+      p.router->n_embd = static_cast<int>(n_embd);
+      DK_RETURN_IF_ERROR(r.Pod(&p.router->target, "router target"));
+      DK_RETURN_IF_ERROR(r.U32InRange(&info_len, 0, kMaxInfoBytes, "router info length"));
+      if (info_len > r.left())
+        return Corrupt(path + ": truncated profile: router info of " + std::to_string(info_len) + " bytes, only " +
+                       std::to_string(r.left()) + " left");
+      p.router->info.resize(info_len);
+      DK_RETURN_IF_ERROR(r.Raw(p.router->info.data(), info_len, "router info"));
+      DK_RETURN_IF_ERROR(r.U32InRange(&n_rows, 0, kMaxBudgetRows, "router budget rows"));
+    }
+  }
 
   // The header fixes the whole file size: check it (and the checksum) before allocating the bases.
-  const uint64_t expected = r.pos() + static_cast<uint64_t>(n_layer) * 2 * BasisSetBytes(D) + 4;
+  const uint64_t router_bytes =
+      hidden == 0 ? 0 : RouterWeightBytes(n_layer, n_embd, hidden, n_levels) + BudgetBytes(n_layer, n_rows);
+  const uint64_t expected = r.pos() + static_cast<uint64_t>(n_layer) * 2 * BasisSetBytes(D) + router_bytes + 4;
   if (size != expected) {
     return Corrupt(path + ": " + (size < expected ? "truncated profile" : "trailing bytes after profile") +
                    ": expected " + std::to_string(expected) + " bytes for n_layer=" + std::to_string(n_layer) +
@@ -370,6 +467,24 @@ StatusOr<DynaKvProfile> LoadProfile(const std::string& path) {
     DK_RETURN_IF_ERROR(ReadBasisSet(r, static_cast<int>(D), &p.k[l]));
     DK_RETURN_IF_ERROR(ReadBasisSet(r, static_cast<int>(D), &p.v[l]));
   }
+  if (p.router) {
+    const size_t H = hidden, E = n_embd, L = n_levels;
+    p.router->layers.resize(n_layer);
+    for (RouterLayer& rl : p.router->layers) {
+      const std::pair<std::vector<float>*, size_t> parts[] = {{&rl.w1, H * E}, {&rl.b1, H}, {&rl.w2k, L * H},
+                                                              {&rl.b2k, L},    {&rl.w2v, L * H}, {&rl.b2v, L}};
+      for (const auto& [vec, count] : parts) {
+        vec->resize(count);
+        DK_RETURN_IF_ERROR(r.Raw(vec->data(), count * sizeof(float), "router weights"));
+      }
+    }
+    p.router->budget.resize(n_rows);
+    for (RouterBudgetRow& row : p.router->budget) {
+      DK_RETURN_IF_ERROR(r.Pod(&row.beta, "router budget beta"));
+      row.fraction.resize(n_layer);
+      DK_RETURN_IF_ERROR(r.Raw(row.fraction.data(), n_layer * sizeof(double), "router budget fractions"));
+    }
+  }
   DK_RETURN_IF_ERROR(ValidateProfile(p, path));
   return p;
 }
@@ -387,6 +502,11 @@ Status CheckProfileMatchesModel(const DynaKvProfile& p, const KvModelInfo& model
                            " but model " + model.model_path + " has n_layer=" + std::to_string(s.n_layer) +
                            ", n_head_kv=" + std::to_string(s.n_head_kv) + ", head_dim=" +
                            std::to_string(s.head_dim) + "; run 'dynakv calibrate' for this model");
+  }
+  if (p.router && p.router->n_embd != s.n_embd) {
+    return InvalidArgument("profile " + profile_path + ": its router reads hidden states of width " +
+                           std::to_string(p.router->n_embd) + " but model " + model.model_path + " has n_embd=" +
+                           std::to_string(s.n_embd) + "; run 'dynakv train-router' for this model");
   }
   return Status::Ok();
 }

@@ -1,13 +1,16 @@
 // A calibrated DynaKV profile: per layer, for keys and for values, an orthonormal basis shared by
 // all KV heads (columns by decreasing eigenvalue of the centred covariance), the mean, the
-// eigenvalues, and the model-wide rank levels. File format: docs/profile_format.md.
+// eigenvalues, and the model-wide rank levels; optionally the learned router (version 2).
+// File format: docs/profile_format.md.
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "core/status.h"
+#include "kv/router.h"
 
 namespace dk {
 
@@ -21,7 +24,8 @@ struct BasisSet {
 };
 
 struct DynaKvProfile {
-  static constexpr uint32_t kFormatVersion = 1;
+  static constexpr uint32_t kFormatVersion = 2;  // 1: bases only; 2: adds flags and the router
+  static constexpr uint32_t kFlagTrainedBases = 1;  // bases and means refined by train-router --train-bases
   uint64_t model_fingerprint = 0;  // Model::fingerprint() of the calibrated model
   std::string model_name;          // for messages only
   int n_layer = 0;
@@ -30,6 +34,11 @@ struct DynaKvProfile {
   std::vector<int> levels;         // increasing ranks, each in [1, D], last == D
   int64_t n_calib_tokens = 0;      // tokens the statistics were taken over
   std::vector<BasisSet> k, v;      // [n_layer]
+  uint32_t flags = 0;              // kFlag* bits
+  uint32_t file_version = kFormatVersion;  // the version of the file it was loaded from (messages only)
+  std::optional<Router> router;    // the learned router, when trained
+
+  bool trained_bases() const { return (flags & kFlagTrainedBases) != 0; }
 
   int kv_dim() const { return n_head_kv * head_dim; }
   // Fraction of variance kept by the first r directions (sum of top-r eigenvalues / total).
@@ -39,7 +48,8 @@ struct DynaKvProfile {
 // Default rank levels for width D: roughly geometric from 1 to D (for D = 128:
 // 1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128).
 std::vector<int> DefaultLevels(int D);
-// Checks structure: sizes, levels increasing and ending at D, finite numbers.
+// Checks structure: sizes, levels increasing and ending at D, finite numbers; the router's shapes
+// and its budget table (beta increasing, fractions in (0, 1]).
 Status ValidateProfile(const DynaKvProfile& p, const std::string& origin);
 
 // Checks user-given levels for width D: each in [1, D], strictly increasing; D is appended when the

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <sstream>
 
+#include "kv/profile.h"
 #include "kv/registry.h"
 
 namespace dk {
@@ -56,13 +57,27 @@ double MinBudgetFraction(const RankPolicyContext& ctx) {
 StatusOr<std::unique_ptr<RankPolicy>> CreateRankPolicy(const KvConfig& config, const RankPolicyContext& ctx) {
   const int D = ctx.kv_dim;
   const std::string& name = config.rank_policy;
-  if (name != "uniform" && name != "energy")
-    return InvalidArgument("--rank-policy: unknown rank policy '" + name + "' (known: uniform, energy)");
+  if (name != "uniform" && name != "energy" && name != "router")
+    return InvalidArgument("--rank-policy: unknown rank policy '" + name + "' (known: uniform, energy, router)");
   const bool has_rank = IsSet(config.rank), has_tau = IsSet(config.tau), has_budget = IsSet(config.kv_budget);
   if (name == "uniform" && has_tau)
     return InvalidArgument("--tau: only the energy rank policy takes --tau (--rank-policy is uniform; use --rank)");
   if (name == "energy" && has_rank)
     return InvalidArgument("--rank: only the uniform rank policy takes --rank (--rank-policy is energy; use --tau)");
+  if (name == "router") {
+    if (has_rank || has_tau)
+      return InvalidArgument(std::string(has_rank ? "--rank" : "--tau") +
+                             ": the router rank policy chooses ranks itself (use --kv-budget to set the cache fraction)");
+    if (ctx.profile == nullptr || !ctx.profile->router)
+      return InvalidArgument("--rank-policy: router needs a profile with a trained router, and " + ctx.origin +
+                             " has none (run 'dynakv train-router')");
+    if (!has_budget) return MakeRouterRankPolicy(ctx, -1.0);
+    DK_RETURN_IF_ERROR(CheckBudget(config.kv_budget, ctx.levels.front(), ctx));
+    if (ctx.profile->router->budget.size() < 2)
+      return InvalidArgument("--kv-budget: the router in " + ctx.origin +
+                             " has no budget table (retrain it with 'dynakv train-router')");
+    return MakeRouterRankPolicy(ctx, config.kv_budget);
+  }
   if (has_budget && has_rank)
     return InvalidArgument("--rank: give --rank or --kv-budget, not both (--kv-budget chooses the ranks)");
   if (has_budget && has_tau)

@@ -5,8 +5,8 @@
 //   uniform  every token the same (r_K, r_V)                       rank_policy_uniform.cpp
 //   energy   per token, the smallest level keeping fraction tau     rank_policy_energy.cpp
 //            of the token's own latent energy (training-free)
-//   router   (later) a per-layer MLP on x giving logits over the levels; it gets everything it
-//            needs from RankPolicyContext (n_layer, D, n_embd, levels).
+//   router   the profile's learned router: a per-layer MLP on x scoring the levels,   rank_policy_router.cpp
+//            argmax per token (trained by dynakv train-router)
 // With a byte budget (--kv-budget F) a policy also steers its choices so the cache holds
 // F x the fp16 full-cache bytes; RecordCost says what a token costs (docs/kv_layout.md).
 #pragma once
@@ -21,6 +21,7 @@
 namespace dk {
 
 struct KvConfig;
+struct DynaKvProfile;
 
 struct TokenRanks {
   int r_k = 0;  // in [1, D]
@@ -45,6 +46,8 @@ struct RankPolicyContext {
   int n_embd = 0;            // width of x
   std::vector<int> levels;   // increasing ranks from the profile, last == D
   RecordCost cost;
+  std::shared_ptr<const DynaKvProfile> profile;  // the cache's profile (the router reads its weights)
+  std::string origin;        // where the profile came from, for messages
 };
 
 class RankPolicy {
@@ -75,6 +78,10 @@ std::unique_ptr<RankPolicy> MakeEnergyRankPolicy(const RankPolicyContext& ctx, d
 std::unique_ptr<RankPolicy> MakeEnergyBudgetRankPolicy(const RankPolicyContext& ctx, double budget);
 // Rank of one token at tau: smallest level with prefix energy >= tau * total (c: [D]).
 int EnergyRank(const float* c, int D, const std::vector<int>& levels, double tau);
+
+// Router: the profile's router (ctx.profile->router must exist), argmax per token; budget > 0 steers
+// it to that fraction with the profile's budget table (which must not be empty).
+std::unique_ptr<RankPolicy> MakeRouterRankPolicy(const RankPolicyContext& ctx, double budget);
 
 // Smallest cache fraction a budget can ask for: the lowest level for K and V plus metadata.
 double MinBudgetFraction(const RankPolicyContext& ctx);

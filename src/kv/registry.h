@@ -15,7 +15,7 @@ struct KvConfig {
   std::string method = "full";       // a registered name: "full", "dynakv"
   std::string dtype = "f16";         // storage of full rows / latents: "f16" or "f32"
   std::string profile_path;          // dynakv: calibrated profile (.dkv)
-  std::string rank_policy = "uniform";  // dynakv: "uniform", "energy"
+  std::string rank_policy = "uniform";  // dynakv: "uniform", "energy", "router"
   int rank = -1;                     // uniform: rank r in [1, D]; -1 = unset
   double tau = -1.0;                 // energy: kept fraction of the token's latent energy; -1 = unset
   double kv_budget = -1.0;           // target cache bytes / fp16 full-cache bytes; -1 = unset

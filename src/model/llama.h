@@ -89,6 +89,12 @@ class Model {
   Status Forward(const int32_t* tokens, int n, KvCache& cache, ForwardState& state, float* logits, bool all_logits,
                  ThreadPool& pool) const;
 
+  // Read-only views of the fp32 weights (the training graph reuses them; weights stay frozen).
+  const float* tok_embd() const { return tok_embd_; }        // [n_vocab][n_embd]
+  const float* output_norm() const { return output_norm_; }  // [n_embd]
+  const float* output() const { return output_; }           // [n_vocab][n_embd]
+  const LayerWeights& layer(int l) const { return layers_[l]; }
+
  private:
   Model() = default;
   Status LoadConfig();

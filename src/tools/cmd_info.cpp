@@ -61,9 +61,17 @@ int CmdInfo(int argc, char** argv) {
       levels += std::to_string(r);
     }
     std::printf("profile         %s (%llu bytes, format v%u, calibrated on %lld tokens)\n", profile_path.c_str(),
-                static_cast<unsigned long long>(ProfileFileBytes(*profile)), DynaKvProfile::kFormatVersion,
+                static_cast<unsigned long long>(ProfileFileBytes(*profile)), profile->file_version,
                 static_cast<long long>(profile->n_calib_tokens));
     std::printf("profile levels  %s\n", levels.c_str());
+    if (profile->trained_bases())
+      std::printf("profile bases   trained by train-router (Cayley rotations of the PCA bases; eigenvalues are PCA's)\n");
+    if (profile->router) {
+      const Router& r = *profile->router;
+      std::printf("router          hidden width %d, trained for fraction %.4g, budget table of %zu rows\n", r.hidden,
+                  r.target, r.budget.size());
+      std::printf("router info     %s\n", r.info.c_str());
+    }
     std::printf("%s", ExplainedVarianceTable(*profile).c_str());
   }
   return kExitOk;

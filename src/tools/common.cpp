@@ -28,7 +28,7 @@ void AddKvFlags(ArgParser& p, KvConfig* kv) {
   p.AddString({"--kv"}, &kv->method, "METHOD", "KV cache method: full (default) or dynakv");
   p.AddString({"--kv-dtype"}, &kv->dtype, "TYPE", "storage type of cached rows or latents: f16 (default) or f32");
   p.AddString({"--profile"}, &kv->profile_path, "FILE", "dynakv: calibrated profile from 'dynakv calibrate'");
-  p.AddString({"--rank-policy"}, &kv->rank_policy, "NAME", "dynakv: uniform (default) or energy");
+  p.AddString({"--rank-policy"}, &kv->rank_policy, "NAME", "dynakv: uniform (default), energy, or router (a profile from train-router)");
   p.AddInt({"--rank"}, &kv->rank, 1, 1 << 20, "dynakv uniform: rank of every token's latent (1..D)");
   p.AddDouble({"--tau"}, &kv->tau, 0.0, 1.0, "dynakv energy: fraction of each token's latent energy to keep");
   p.AddDouble({"--kv-budget"}, &kv->kv_budget, 1e-6, 1.0, "dynakv: cache bytes as a fraction of the fp16 full cache");

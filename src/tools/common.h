@@ -33,5 +33,7 @@ int CmdInfo(int argc, char** argv);
 int CmdGenerate(int argc, char** argv);
 int CmdPerplexity(int argc, char** argv);
 int CmdCalibrate(int argc, char** argv);
+int CmdTrainRouter(int argc, char** argv);
+int CmdRankmap(int argc, char** argv);
 
 }  // namespace dk::cli

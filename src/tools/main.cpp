@@ -15,6 +15,8 @@ void PrintUsage(FILE* out) {
                "  generate    generate text from a prompt\n"
                "  perplexity  perplexity of a text file, as llama.cpp's perplexity tool computes it\n"
                "  calibrate   fit a DynaKV profile (joint PCA bases of keys and values) on calibration text\n"
+               "  train-router  train DynaKV's token-wise rank router by distillation; writes a profile\n"
+               "  rankmap     an HTML page of a text coloured by the ranks DynaKV gives each token\n"
                "run 'dynakv <command> --help' for its flags\n");
 }
 
@@ -35,6 +37,8 @@ int main(int argc, char** argv) {
   if (cmd == "generate") return CmdGenerate(argc, argv);
   if (cmd == "perplexity") return CmdPerplexity(argc, argv);
   if (cmd == "calibrate") return CmdCalibrate(argc, argv);
+  if (cmd == "train-router") return CmdTrainRouter(argc, argv);
+  if (cmd == "rankmap") return CmdRankmap(argc, argv);
   std::fprintf(stderr, "dynakv: unknown command '%s'\n", cmd.c_str());
   PrintUsage(stderr);
   return kExitUsage;

@@ -1,0 +1,59 @@
+#include "train/data.h"
+
+#include <algorithm>
+
+#include "train/relaxed_cache.h"  // Mix64, Uniform01
+
+namespace dk {
+
+StatusOr<TrainData> MakeTrainData(const Tokenizer& tok, const std::string& plain_text, const std::string& docs_text,
+                                  int seq_len) {
+  if (seq_len < 2) return InvalidArgument("--seq-len: expected at least 2 tokens, found " + std::to_string(seq_len));
+  TrainData d;
+  d.plain = tok.Encode(plain_text, false);
+  if (static_cast<int64_t>(d.plain.size()) < seq_len) {
+    return InvalidArgument("-f: the training text has " + std::to_string(d.plain.size()) +
+                           " tokens; at least --seq-len = " + std::to_string(seq_len) + " are needed");
+  }
+  // Documents: paragraphs separated by one or more blank lines.
+  size_t start = 0;
+  while (start < docs_text.size()) {
+    size_t end = docs_text.find("\n\n", start);
+    if (end == std::string::npos) end = docs_text.size();
+    std::string doc = docs_text.substr(start, end - start);
+    start = end + 2;
+    std::replace(doc.begin(), doc.end(), '\n', ' ');
+    const size_t first = doc.find_first_not_of(' ');
+    if (first == std::string::npos) continue;
+    doc = doc.substr(first, doc.find_last_not_of(' ') - first + 1);
+    // Tokenized on its own: with a space-prefixing (SentencePiece) tokenizer it starts with a word
+    // boundary, as it would continuing the text before it.
+    std::vector<int32_t> ids = tok.Encode(doc, false);
+    if (static_cast<int>(ids.size()) > seq_len - 1) {
+      ++d.skipped_docs;
+      continue;
+    }
+    if (!ids.empty()) d.docs.push_back(std::move(ids));
+  }
+  return d;
+}
+
+void MakeSequence(const TrainData& data, uint64_t seed, uint64_t index, int seq_len, double doc_ratio, int32_t bos,
+                  int32_t* out) {
+  const uint64_t key = Mix64(seed ^ 0x5EC0E7CEull);
+  const std::vector<int32_t>* doc = nullptr;
+  if (!data.docs.empty() && Uniform01(key, 3 * index) < doc_ratio)
+    doc = &data.docs[Mix64(key + 3 * index + 1) % data.docs.size()];
+  const int n_doc = doc == nullptr ? 0 : static_cast<int>(doc->size());
+  const int n_plain = seq_len - 1 - n_doc;
+  out[0] = bos;
+  if (n_plain > 0) {
+    const uint64_t span = data.plain.size() - static_cast<uint64_t>(n_plain) + 1;
+    const uint64_t off = Mix64(key + 3 * index + 2) % span;
+    std::copy(data.plain.begin() + static_cast<int64_t>(off), data.plain.begin() + static_cast<int64_t>(off) + n_plain,
+              out + 1);
+  }
+  if (doc != nullptr) std::copy(doc->begin(), doc->end(), out + 1 + n_plain);
+}
+
+}  // namespace dk
