@@ -33,5 +33,6 @@ int CmdInfo(int argc, char** argv);
 int CmdGenerate(int argc, char** argv);
 int CmdPerplexity(int argc, char** argv);
 int CmdCalibrate(int argc, char** argv);
+int CmdPasskey(int argc, char** argv);
 
 }  // namespace dk::cli

@@ -15,6 +15,7 @@ void PrintUsage(FILE* out) {
                "  generate    generate text from a prompt\n"
                "  perplexity  perplexity of a text file, as llama.cpp's perplexity tool computes it\n"
                "  calibrate   fit a DynaKV profile (joint PCA bases of keys and values) on calibration text\n"
+               "  passkey     passkey retrieval accuracy (a key hidden in a haystack of text), any KV cache\n"
                "run 'dynakv <command> --help' for its flags\n");
 }
 
@@ -35,6 +36,7 @@ int main(int argc, char** argv) {
   if (cmd == "generate") return CmdGenerate(argc, argv);
   if (cmd == "perplexity") return CmdPerplexity(argc, argv);
   if (cmd == "calibrate") return CmdCalibrate(argc, argv);
+  if (cmd == "passkey") return CmdPasskey(argc, argv);
   std::fprintf(stderr, "dynakv: unknown command '%s'\n", cmd.c_str());
   PrintUsage(stderr);
   return kExitUsage;
