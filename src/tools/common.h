@@ -35,5 +35,6 @@ int CmdPerplexity(int argc, char** argv);
 int CmdCalibrate(int argc, char** argv);
 int CmdTrainRouter(int argc, char** argv);
 int CmdRankmap(int argc, char** argv);
+int CmdPasskey(int argc, char** argv);
 
 }  // namespace dk::cli

@@ -17,6 +17,7 @@ void PrintUsage(FILE* out) {
                "  calibrate   fit a DynaKV profile (joint PCA bases of keys and values) on calibration text\n"
                "  train-router  train DynaKV's token-wise rank router by distillation; writes a profile\n"
                "  rankmap     an HTML page of a text coloured by the ranks DynaKV gives each token\n"
+               "  passkey     passkey retrieval accuracy (a key hidden in a haystack of text), any KV cache\n"
                "run 'dynakv <command> --help' for its flags\n");
 }
 
@@ -39,6 +40,7 @@ int main(int argc, char** argv) {
   if (cmd == "calibrate") return CmdCalibrate(argc, argv);
   if (cmd == "train-router") return CmdTrainRouter(argc, argv);
   if (cmd == "rankmap") return CmdRankmap(argc, argv);
+  if (cmd == "passkey") return CmdPasskey(argc, argv);
   std::fprintf(stderr, "dynakv: unknown command '%s'\n", cmd.c_str());
   PrintUsage(stderr);
   return kExitUsage;
