@@ -1,14 +1,22 @@
 #!/usr/bin/env python3
-"""Regenerates docs/results.md: DynaKV quality and memory on the evaluation model.
+"""Regenerates docs/results.md: DynaKV's learned router against the uniform and energy rank
+policies on the evaluation model, at equal measured cache bytes.
 
-Calibrates a profile on training-domain text (if missing), then for each rank policy and cache
-fraction runs `dynakv perplexity --kl-divergence` on held-out text and tabulates perplexity,
-KL divergence from the fp16 full cache, top-1 agreement and measured bytes per token. Every
-run's configuration and raw output are saved under results/<config>/ (config.json, output.txt).
+Steps (each one's command, configuration and raw output are kept under results/<name>/, with
+paths relative to the repository; a step whose saved command is unchanged is skipped, so a
+rerun only re-tabulates unless --force):
+  1. calibrate a profile on ../shared/data/calib.txt (timed);
+  2. train a router per target fraction (0.5, 0.25, 0.125, 0.0625) on calib.txt plus the
+     retrieval documents of calib-recall.txt (timed), and one with --train-bases at 0.25;
+  3. perplexity, KL from the full cache and top-1 agreement on held-out valid.txt (-c 512,
+     100 chunks) for full, uniform, energy and router at each fraction (--kv-budget F);
+  4. passkey retrieval (30 haystacks of valid.txt, 150-500 words, depths 0.1-0.9) at each fraction;
+  5. a rank map of a paragraph of valid.txt (docs/rankmap.html).
 
-  scripts/results.py [--model M] [--calib T] [--valid T] [--ctx 512] [--chunks 100] [--threads 2]
+  scripts/results.py [--threads 2] [--force] [--only NAME,...]
 """
 import argparse
+import datetime
 import json
 import os
 import re
@@ -17,8 +25,15 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FRACTIONS = [1.0, 0.5, 0.25, 0.125, 0.0625]
-POLICIES = ["uniform", "energy"]
+DYNAKV = "build/dynakv"
+MODEL = "../shared/models/brown-kjv-llama-6M-v2-f32.gguf"
+CALIB = "../shared/data/calib.txt"
+RECALL = "../shared/data/calib-recall.txt"
+VALID = "../shared/data/valid.txt"
+PROFILES = "results/profiles"
+BASE = f"{PROFILES}/brown-kjv-llama-6M-v2.dkv"
+FRACTIONS = [0.5, 0.25, 0.125, 0.0625]
+POLICIES = ["uniform", "energy", "router"]
 
 
 def atomic_write(path, text):
@@ -30,19 +45,62 @@ def atomic_write(path, text):
     os.replace(tmp, path)
 
 
-def run(cmd):
-    t0 = time.time()
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    if p.returncode != 0:
-        sys.exit(f"results.py: command failed ({p.returncode}): {' '.join(cmd)}\n{p.stderr}")
-    return p.stdout, time.time() - t0
+class Runner:
+    def __init__(self, force, only):
+        self.force, self.only = force, only
+
+    def run(self, name, cmd, outputs=()):
+        """Runs cmd (relative paths, cwd = repository) unless results/<name>/ holds the same command
+        and its outputs exist. Returns (stdout, seconds)."""
+        folder = os.path.join(ROOT, "results", name)
+        saved = os.path.join(folder, "config.json")
+        skip = not self.force and (self.only is None or name not in self.only)
+        if skip and os.path.exists(saved) and all(os.path.exists(os.path.join(ROOT, o)) for o in outputs):
+            with open(saved) as f:
+                old = json.load(f)
+            if old.get("command") == cmd:
+                with open(os.path.join(folder, "output.txt")) as f:
+                    return f.read(), old["seconds"]
+        print(f"[results] {name}: {' '.join(cmd)}", file=sys.stderr, flush=True)
+        t0 = time.time()
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        secs = time.time() - t0
+        if p.returncode != 0:
+            sys.exit(f"results.py: {name} failed ({p.returncode}): {' '.join(cmd)}\n{p.stderr[-3000:]}")
+        os.makedirs(folder, exist_ok=True)
+        atomic_write(os.path.join(folder, "output.txt"), p.stdout)
+        atomic_write(saved, json.dumps({"command": cmd, "seconds": round(secs, 2),
+                                        "date": datetime.date.today().isoformat()}, indent=2) + "\n")
+        return p.stdout, secs
 
 
-def grab(pattern, text):
+def grab(pattern, text, what):
     m = re.search(pattern, text, re.M)
     if not m:
-        sys.exit(f"results.py: '{pattern}' not found in output:\n{text}")
+        sys.exit(f"results.py: '{pattern}' not found in the output of {what}")
     return [float(g) for g in m.groups()]
+
+
+def perplexity(r, name, extra, threads):
+    cmd = [DYNAKV, "perplexity", "-m", MODEL, "-f", VALID, "-c", "512", "--chunks", "100", "-t", str(threads), "-q",
+           "--kl-divergence"] + extra
+    out, _ = r.run(name, cmd)
+    ppl, err = grab(r"^PPL = ([\d.]+) \+/- ([\d.]+)", out, name)
+    kl, kl_err = grab(r"^KL = ([\d.]+) \+/- ([\d.]+)", out, name)
+    top1, = grab(r"^same top-1 = ([\d.]+)", out, name)
+    frac, = grab(r"^KV fraction = ([\d.]+)", out, name)
+    tps, = grab(r"^tokens/s = ([\d.]+)", out, name)
+    return dict(ppl=ppl, ppl_err=err, kl=kl, kl_err=kl_err, top1=top1, fraction=frac, tps=tps)
+
+
+def passkey(r, name, extra, threads):
+    cmd = [DYNAKV, "passkey", "-m", MODEL, "-f", VALID, "-t", str(threads), "-q", "--json",
+           f"results/{name}/passkey.json"] + extra
+    os.makedirs(os.path.join(ROOT, "results", name), exist_ok=True)
+    out, _ = r.run(name, cmd, outputs=[f"results/{name}/passkey.json"])
+    acc, right, total = grab(r"^accuracy = ([\d.]+) \((\d+) of (\d+)\)", out, name)
+    frac, = grab(r"^KV fraction = ([\d.]+)", out, name)
+    return dict(acc=acc, right=int(right), total=int(total), fraction=frac)
 
 
 def bench_table(path):
@@ -72,91 +130,113 @@ def bench_table(path):
     return out + [""]
 
 
+def kv_flags(policy, frac, profile):
+    return ["--kv", "dynakv", "--profile", profile, "--rank-policy", policy, "--kv-budget", str(frac)]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dynakv", default=os.path.join(ROOT, "build", "dynakv"))
-    ap.add_argument("--model", default=os.path.join(ROOT, "tests", "data", "brown-kjv-llama-6M-f32.gguf"))
-    ap.add_argument("--calib", default=os.path.join(ROOT, "..", "shared", "data", "calib.txt"))
-    ap.add_argument("--valid", default=os.path.join(ROOT, "..", "shared", "data", "valid.txt"))
-    ap.add_argument("--profile", default=os.path.join(ROOT, "results", "brown-kjv-llama-6M.dkv"))
-    ap.add_argument("--ctx", type=int, default=512)
-    ap.add_argument("--chunks", type=int, default=100, help="chunks of valid text scored (0 = all)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reuse", action="store_true",
-                    help="reuse results/<config>/config.json when its command is unchanged (re-tabulate only)")
+    ap.add_argument("--steps", type=int, default=300, help="router training steps")
+    ap.add_argument("--force", action="store_true", help="rerun every step")
+    ap.add_argument("--only", default=None, help="comma-separated step names to rerun")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "results.md"))
-    ap.add_argument("--bench", nargs="*", default=[os.path.join(ROOT, "results", f) for f in
-                                                   ("bench-engine.json", "bench-dynakv.json")],
-                    help="Google Benchmark JSON files from scripts/bench.sh to tabulate (skipped if missing)")
     a = ap.parse_args()
-    for path in (a.calib, a.valid, a.model, a.dynakv):
-        if not os.path.exists(path):
-            sys.exit(f"results.py: {path} not found")
-    os.makedirs(os.path.join(ROOT, "results"), exist_ok=True)
+    for path in (MODEL, CALIB, RECALL, VALID, DYNAKV):
+        if not os.path.exists(os.path.join(ROOT, path)):
+            sys.exit(f"results.py: {path} not found (run from a checkout beside ../shared, after the build)")
+    os.makedirs(os.path.join(ROOT, PROFILES), exist_ok=True)
+    r = Runner(a.force, None if a.only is None else set(a.only.split(",")))
+    t = str(a.threads)
 
-    calib_cmd = [a.dynakv, "calibrate", "-m", a.model, "-f", a.calib, "-c", str(a.ctx), "-o", a.profile,
-                 "-t", str(a.threads)]
-    if not os.path.exists(a.profile):
-        _, secs = run(calib_cmd)
-        print(f"calibrated {a.profile} in {secs:.0f} s", file=sys.stderr)
+    _, calib_secs = r.run("calibrate", [DYNAKV, "calibrate", "-m", MODEL, "-f", CALIB, "-c", "512", "-o", BASE,
+                                        "-t", t, "-q"], outputs=[BASE])
+    train = {}
+    routers = {}
+    for frac, bases in [(f, False) for f in FRACTIONS] + [(0.25, True)]:
+        tag = f"{frac}" + ("-bases" if bases else "")
+        out_profile = f"{PROFILES}/router-{tag}.dkv"
+        cmd = [DYNAKV, "train-router", "-m", MODEL, "--profile", BASE, "-f", CALIB, "--docs", RECALL, "--target",
+               str(frac), "--steps", str(a.steps), "-o", out_profile, "-t", t, "-q", "--log",
+               f"results/train-router-{tag}/log.jsonl"] + (["--train-bases"] if bases else [])
+        os.makedirs(os.path.join(ROOT, "results", f"train-router-{tag}"), exist_ok=True)
+        out, secs = r.run(f"train-router-{tag}", cmd, outputs=[out_profile])
+        train[tag] = dict(seconds=secs, out=out)
+        routers[tag] = out_profile
 
-    base = [a.dynakv, "perplexity", "-m", a.model, "-f", a.valid, "-c", str(a.ctx), "-t", str(a.threads), "-q"]
-    if a.chunks > 0:
-        base += ["--chunks", str(a.chunks)]
-    rows = []
-    configs = [("full (fp16)", [], "full-f16", None)]
+    rows = {"full": perplexity(r, "ppl-full", [], a.threads)}
+    keys = {"full": passkey(r, "passkey-full", [], a.threads)}
+    for frac in FRACTIONS:
+        for policy in POLICIES:
+            profile = routers[f"{frac}"] if policy == "router" else BASE
+            name = f"{policy}-{frac}"
+            rows[name] = perplexity(r, f"ppl-{name}", kv_flags(policy, frac, profile), a.threads)
+            keys[name] = passkey(r, f"passkey-{name}", kv_flags(policy, frac, profile), a.threads)
+    rows["router-0.25-bases"] = perplexity(r, "ppl-router-0.25-bases", kv_flags("router", 0.25, routers["0.25-bases"]),
+                                           a.threads)
+    keys["router-0.25-bases"] = passkey(r, "passkey-router-0.25-bases",
+                                        kv_flags("router", 0.25, routers["0.25-bases"]), a.threads)
+    rankmap_out, _ = r.run("rankmap", [DYNAKV, "rankmap", "-m", MODEL, "--profile", routers["0.25"], "-f", VALID,
+                                       "--offset", "200000", "-n", "360", "-o", "docs/rankmap.html", "-t", t],
+                           outputs=["docs/rankmap.html"])
+
+    full = rows["full"]
+    L = ["# Results", "",
+         "Generated by `scripts/results.py` (do not edit by hand); every command, its configuration and raw output "
+         "are under `results/<step>/`. Model: `brown-kjv-llama-6M-v2-f32.gguf` (the evaluation model); profile "
+         "calibrated on `calib.txt`; routers trained on `calib.txt` plus the retrieval documents of "
+         "`calib-recall.txt`; everything measured on held-out `valid.txt`.", "",
+         "## Quality at equal cache bytes", "",
+         "Perplexity with -c 512 over the first 100 chunks (the second half of each chunk scored, as llama.cpp's "
+         "perplexity tool), KL(full fp16 cache || tested cache) per token in nats, and how often both caches' most "
+         "likely next token agree. Every compressed row runs with `--kv-budget F` (uniform: its rank; energy: tau "
+         "bisected per batch; router: the router trained at F, steered by its budget table); the fraction is "
+         "measured: stored bytes (latents and metadata) over the fp16 full cache's.", "",
+         "| policy | target | measured fraction | PPL | PPL / full | KL (nats) | top-1 agree |",
+         "|---|---|---|---|---|---|---|",
+         f"| full (fp16) | - | 1.0000 | {full['ppl']:.3f} +/- {full['ppl_err']:.3f} | 1.000 | 0 | 1.0000 |"]
+    for frac in FRACTIONS:
+        for policy in POLICIES:
+            x = rows[f"{policy}-{frac}"]
+            L.append(f"| {policy} | {frac:g} | {x['fraction']:.4f} | {x['ppl']:.3f} +/- {x['ppl_err']:.3f} | "
+                     f"{x['ppl'] / full['ppl']:.3f} | {x['kl']:.4f} +/- {x['kl_err']:.4f} | {x['top1']:.4f} |")
+    x = rows["router-0.25-bases"]
+    L += ["", "Trained bases (`train-router --train-bases`: the router and a Cayley rotation of each PCA basis, with "
+          "the means), at 0.25:", "",
+          "| policy | target | measured fraction | PPL | PPL / full | KL (nats) | top-1 agree |", "|---|---|---|---|---|---|---|",
+          f"| router + trained bases | 0.25 | {x['fraction']:.4f} | {x['ppl']:.3f} +/- {x['ppl_err']:.3f} | "
+          f"{x['ppl'] / full['ppl']:.3f} | {x['kl']:.4f} +/- {x['kl_err']:.4f} | {x['top1']:.4f} |"]
+    L += ["", "## Passkey retrieval", "",
+          "Greedy answers to a key hidden in haystacks of valid.txt (`dynakv passkey`: 150, 300 and 500 words, the "
+          "key at depths 0.1, 0.3, 0.5, 0.7, 0.9, 2 haystacks each: 30 cases; exact match of the digits). The "
+          "fraction is measured after the prompt.", "",
+          "| policy | " + " | ".join(f"{f:g}" for f in FRACTIONS) + " |", "|---|" + "---|" * len(FRACTIONS),
+          f"| full | " + " | ".join(f"{keys['full']['right']}/{keys['full']['total']}" for _ in FRACTIONS) + " |"]
     for policy in POLICIES:
-        for frac in FRACTIONS:
-            configs.append((policy, ["--kv", "dynakv", "--profile", a.profile, "--rank-policy", policy,
-                                     "--kv-budget", str(frac), "--kl-divergence"], f"dynakv-{policy}-{frac}", frac))
-    for label, extra, name, frac in configs:
-        cmd = base + extra
-        folder = os.path.join(ROOT, "results", name)
-        saved = os.path.join(folder, "config.json")
-        if a.reuse and os.path.exists(saved):
-            with open(saved) as f:
-                old = json.load(f)
-            if old.get("command") == cmd:
-                rows.append({k: v for k, v in old.items() if k != "command"})
-                continue
-        out, secs = run(cmd)
-        ppl, err = grab(r"^PPL = ([\d.]+) \+/- ([\d.]+)", out)
-        kv_frac, = grab(r"^KV fraction = ([\d.]+)", out)
-        bpt, = grab(r"^KV bytes/token = ([\d.]+)", out)
-        kl, kl_err, top1 = (grab(r"^KL = ([\d.]+) \+/- ([\d.]+)", out) + grab(r"^same top-1 = ([\d.]+)", out)
-                            if "--kl-divergence" in extra else (0.0, 0.0, 1.0))
-        rows.append(dict(label=label, target=frac, ppl=ppl, ppl_err=err, kl=kl, kl_err=kl_err, top1=top1,
-                         fraction=kv_frac, bytes_per_token=bpt, seconds=secs))
-        os.makedirs(folder, exist_ok=True)
-        atomic_write(os.path.join(folder, "config.json"), json.dumps({"command": cmd, **rows[-1]}, indent=2) + "\n")
-        atomic_write(os.path.join(folder, "output.txt"), out)
-        print(f"{name}: PPL {ppl:.3f} KL {kl:.4f} fraction {kv_frac:.4f} ({secs:.0f} s)", file=sys.stderr)
-
-    chunks = "all" if a.chunks == 0 else str(a.chunks)
-    lines = [
-        "# Results",
-        "",
-        "Generated by `scripts/results.py` (do not edit by hand). Model: "
-        f"`{os.path.basename(a.model)}`; profile calibrated with `{' '.join(os.path.basename(x) if os.sep in x else x for x in calib_cmd[1:])}` "
-        f"on training-domain text; measured on held-out `{os.path.basename(a.valid)}` with -c {a.ctx}, "
-        f"{chunks} chunks (second half of each chunk scored, as llama.cpp's perplexity tool).",
-        "",
-        "KL is the mean per-token KL(full fp16 cache || tested cache) in nats, with its standard error; "
-        "top-1 is how often both caches' most likely next token agree. The fraction is measured: "
-        "stored bytes (latents and per-token metadata) / fp16 full-cache bytes; bytes/token counts all layers.",
-        "",
-        "| policy | target fraction | measured fraction | bytes/token | PPL | KL (nats) | top-1 agree |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        target = "-" if r["target"] is None else f"{r['target']:g}"
-        lines.append(f"| {r['label']} | {target} | {r['fraction']:.4f} | {r['bytes_per_token']:.1f} | "
-                     f"{r['ppl']:.3f} +/- {r['ppl_err']:.3f} | {r['kl']:.4f} +/- {r['kl_err']:.4f} | {r['top1']:.4f} |")
-    lines += ["", f"Regenerate: `scripts/results.py --ctx {a.ctx} --chunks {a.chunks} --threads {a.threads}`", ""]
-    for path in a.bench:
+        L.append(f"| {policy} | " + " | ".join(
+            f"{keys[f'{policy}-{f}']['right']}/{keys[f'{policy}-{f}']['total']} ({keys[f'{policy}-{f}']['fraction']:.3f})"
+            for f in FRACTIONS) + " |")
+    k = keys["router-0.25-bases"]
+    L += [f"| router + trained bases | - | {k['right']}/{k['total']} ({k['fraction']:.3f}) | - | - |"]
+    L += ["", "## Cost of calibration and training", "",
+          f"On this machine ({os.cpu_count()} cores, -t {a.threads}): calibration {calib_secs:.0f} s "
+          f"(`calibrate -c 512` over calib.txt).", "",
+          "| router | training wall time | steps | final KL (mean of the last 20 steps) | calibrated fraction |",
+          "|---|---|---|---|---|"]
+    for tag, tr in train.items():
+        log = [json.loads(l) for l in open(os.path.join(ROOT, "results", f"train-router-{tag}", "log.jsonl"))]
+        kl = sum(s["kl"] for s in log[-20:]) / min(20, len(log))
+        cal, = grab(r"calibrated fraction ([\d.]+)", tr["out"], f"train-router-{tag}")
+        L.append(f"| {tag} | {tr['seconds']:.0f} s | {len(log)} | {kl:.4f} | {cal:.4f} |")
+    L += ["", "## Rank map", "",
+          "`docs/rankmap.html` (open it in a browser; no network needed): a paragraph of valid.txt coloured by the "
+          "ranks the router trained at 0.25 gives each token. Its summary:", "", "```", rankmap_out.strip(), "```", "",
+          f"Regenerate: `scripts/results.py --threads {a.threads}` (add `--force` to rerun every step).", ""]
+    for name in ("bench-engine.json", "bench-dynakv.json"):
+        path = os.path.join(ROOT, "results", name)
         if os.path.exists(path):
-            lines += bench_table(path)
-    atomic_write(a.out, "\n".join(lines))
+            L += bench_table(path)
+    atomic_write(a.out, "\n".join(L))
     print(f"wrote {a.out}", file=sys.stderr)
 
 

@@ -11,11 +11,13 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdio>
+#include <fstream>
 #include <random>
 
 #include "core/threads.h"
 #include "eval/calibrate.h"
 #include "eval/perplexity.h"
+#include "eval/rankmap.h"
 #include "kv/dynakv_cache.h"
 #include "kv/full_cache.h"
 #include "kv/profile.h"
@@ -473,6 +475,76 @@ TEST(TrainRouter, MeetsItsTargetOnHeldOutText) {
     const double want = budget > 0 ? budget : o.target;
     EXPECT_NEAR(ppl->kv_fraction, want, (budget > 0 ? 0.01 : 0.02) * want) << "budget " << budget;
   }
+}
+
+// ---- The commands ------------------------------------------------------------------------------------
+
+// train-router end to end on the test model (a few steps), then the router policy, rankmap and
+// info on its output; and the errors a user meets first.
+TEST(TrainRouterCli, TrainsAndTheProfileServesTheRouter) {
+  const std::string dir = ::testing::TempDir();
+  const std::string model = test::DataPath("brown-kjv-llama-6M-f32.gguf"), text = test::DataPath("calib.txt");
+  const std::string base = dir + "dk_cli_base.dkv", out = dir + "dk_cli_router.dkv", log = dir + "dk_cli_log.jsonl";
+  ASSERT_TRUE(SaveProfile(TheProfile(), base).ok());
+  auto r = test::RunCli("train-router -m " + model + " --profile " + base + " -f " + text +
+                        " --target 0.3 --steps 4 --seq-len 64 --hidden 8 --calib-seqs 2 -t 2 -q -o " + out +
+                        " --log " + log);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("calibrated fraction"));
+  EXPECT_FALSE(std::ifstream(out + ".ckpt").good()) << "the checkpoint of a finished run is removed";
+  const std::string lines = test::ReadText(log);
+  EXPECT_EQ(std::count(lines.begin(), lines.end(), '\n'), 4) << "one JSON line per step";
+  auto info = test::RunCli("info -m " + model + " --profile " + out);
+  ASSERT_EQ(info.exit_code, 0) << info.err;
+  EXPECT_THAT(info.out, HasSubstr("router          hidden width 8, trained for fraction 0.3"));
+  auto ppl = test::RunCli("perplexity -m " + model + " -f " + test::DataPath("valid.txt") +
+                          " -c 64 --chunks 2 -q --kv dynakv --rank-policy router --kv-budget 0.2 --profile " + out);
+  ASSERT_EQ(ppl.exit_code, 0) << ppl.err;
+  EXPECT_THAT(ppl.out, HasSubstr("PPL = "));
+  const std::string html = dir + "dk_cli_map.html";
+  auto map = test::RunCli("rankmap -m " + model + " --profile " + out + " -f " + test::DataPath("valid.txt") +
+                          " -n 40 -o " + html);
+  ASSERT_EQ(map.exit_code, 0) << map.err;
+  EXPECT_THAT(map.out, HasSubstr("mean rank per layer"));
+  const std::string page = test::ReadText(html);
+  EXPECT_THAT(page, HasSubstr("<!doctype html>"));
+  EXPECT_THAT(page, HasSubstr("layer 5"));
+  EXPECT_EQ(page.find("http"), std::string::npos) << "the page must not reach the network";
+
+  // A profile without a router, for the router policy: exit 2 naming the fix.
+  auto none = test::RunCli("perplexity -m " + model + " -f " + test::DataPath("valid.txt") +
+                           " -c 64 --chunks 2 -q --kv dynakv --rank-policy router --profile " + base);
+  EXPECT_EQ(none.exit_code, 2) << none.err;
+  EXPECT_THAT(none.err, HasSubstr("train-router"));
+  // Bad flags, and an output folder that does not exist: refused before any training.
+  auto bad = test::RunCli("train-router -m " + model + " --profile " + base + " -f " + text + " --target 1.5 -o " + out);
+  EXPECT_EQ(bad.exit_code, 2);
+  EXPECT_THAT(bad.err, HasSubstr("--target"));
+  auto nodir = test::RunCli("train-router -m " + model + " --profile " + base + " -f " + text +
+                            " -o /nonexistent-dir/x.dkv");
+  EXPECT_EQ(nodir.exit_code, 2);
+  EXPECT_THAT(nodir.err, HasSubstr("/nonexistent-dir"));
+  for (const std::string& f : {base, out, log, html}) std::remove(f.c_str());
+}
+
+TEST(RankMap, PageEscapesTextAndCarriesEveryRank) {
+  RankMap m;
+  m.title = "t<i>tle";
+  m.pieces = {"<s>", " a&b", " \"q\"", "</script>"};
+  m.levels = {1, 2, 4};
+  m.D = 4;
+  m.n_layer = 2;
+  m.rk = {1, 2, 4, 4, 2, 2, 1, 4};
+  m.rv = {4, 4, 1, 2, 1, 1, 2, 2};
+  const std::string html = RankMapHtml(m);
+  EXPECT_THAT(html, HasSubstr("t&lt;i&gt;tle"));
+  EXPECT_THAT(html, HasSubstr("&lt;/script&gt;"));
+  EXPECT_THAT(html, HasSubstr(" a&amp;b"));
+  EXPECT_EQ(html.find("</script>", html.find("<script>")), html.rfind("</script>")) << "one script block, closed once";
+  EXPECT_THAT(html, HasSubstr("\"rk\":[1,2,4,4,2,2,1,4]"));
+  EXPECT_THAT(html, HasSubstr("layer 0: K 1, V 4"));
+  EXPECT_DOUBLE_EQ(m.MeanRank(0), (1 + 4 + 2 + 1) / 4.0);
+  EXPECT_THAT(RankMapSummary(m, 1, 3), HasSubstr("0: 2.8 / 2.8"));
 }
 
 }  // namespace

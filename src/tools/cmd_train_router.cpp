@@ -1,5 +1,6 @@
 // dynakv train-router: trains DynaKV's learned router (and optionally the bases) by distillation
 // from the full-cache model, and writes it into a new profile (format version 2).
+#include <algorithm>
 #include <cstdio>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -50,8 +51,8 @@ int CmdTrainRouter(int argc, char** argv) {
   p.AddString({"-o", "--output"}, &out_path, "FILE", "profile to write, with the router (required)");
   p.AddDouble({"--target"}, &o.target, 1e-6, 1.0, "target cache fraction of the fp16 full cache (default 0.25)");
   p.AddInt({"--steps"}, &o.steps, 1, 1 << 24, "optimizer steps (default 300)");
-  p.AddInt({"--batch"}, &o.batch, 1, 4096, "sequences per step (default 2)");
-  p.AddInt({"--seq-len"}, &o.seq_len, 2, 1 << 16, "tokens per sequence (default 512)");
+  p.AddInt({"--batch"}, &o.batch, 1, 4096, "sequences per step (default 1)");
+  p.AddInt({"--seq-len"}, &o.seq_len, 2, 1 << 16, "tokens per sequence (default: 1024, or the model's context if smaller)");
   p.AddInt({"--hidden"}, &o.hidden, 1, 4096, "router hidden width (default 64)");
   p.AddDouble({"--lambda"}, &o.lambda, 0.0, 1e9, "weight of (expected fraction - target)^2 (default 50)");
   p.AddDouble({"--w-kl"}, &o.w_kl, 0.0, 1e9, "weight of KL(teacher || student) (default 1)");
@@ -95,6 +96,7 @@ int CmdTrainRouter(int argc, char** argv) {
   auto model = Model::Load(model_path);
   if (!model.ok()) return Fail("train-router", model.status());
   const Model& m = **model;
+  if (!p.WasSet("--seq-len")) o.seq_len = std::min(o.seq_len, m.config().n_ctx_train);
   auto base = LoadProfile(profile_path);
   if (!base.ok()) return Fail("train-router", base.status());
   if (Status s = CheckProfileMatchesModel(*base, ModelInfoFor(m, model_path), profile_path); !s.ok())

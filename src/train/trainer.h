@@ -28,8 +28,8 @@ class ThreadPool;
 struct TrainRouterOptions {
   double target = 0.25;      // cache fraction of the fp16 full cache
   int steps = 300;
-  int batch = 2;             // sequences per step
-  int seq_len = 512;
+  int batch = 1;             // sequences per step
+  int seq_len = 1024;        // tokens per sequence (long enough for whole retrieval documents)
   int hidden = 64;           // router width
   double lambda = 50.0;      // weight of the fraction penalty
   double w_kl = 1.0;
