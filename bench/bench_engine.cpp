@@ -38,20 +38,14 @@ const dk::Model& GetModel() {
 dk::KvConfig ParseSpec(const std::string& spec) {
   dk::KvConfig c;
   if (spec == "full") return c;
-  if (spec == "full-f32") {
-    c.dtype = "f32";
-    return c;
-  }
+  if (spec == "full-f32") return c.Set("--kv-dtype", "f32");
   std::stringstream ss(spec);
   std::string method, policy, frac;
   std::getline(ss, method, ':');
   std::getline(ss, policy, ':');
   std::getline(ss, frac, ':');
   c.method = method;
-  c.rank_policy = policy;
-  c.kv_budget = std::stod(frac);
-  c.profile_path = g_profile;
-  return c;
+  return c.Set("--rank-policy", policy).Set("--kv-budget", frac).Set("--profile", g_profile);
 }
 
 std::unique_ptr<dk::TimedKvCache> MakeCache(const std::string& spec, int capacity, benchmark::State& state) {

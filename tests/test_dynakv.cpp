@@ -183,11 +183,10 @@ const KvRows& EvalRows() {
 KvConfig Config(const std::string& policy, int rank, double tau, double budget, const std::string& dtype = "f16") {
   KvConfig c;
   c.method = "dynakv";
-  c.dtype = dtype;
-  c.rank_policy = policy;
-  c.rank = rank;
-  c.tau = tau;
-  c.kv_budget = budget;
+  c.Set("--kv-dtype", dtype).Set("--rank-policy", policy);
+  if (rank != -1) c.Set("--rank", std::to_string(rank));
+  if (tau != -1.0) c.Set("--tau", std::to_string(tau));
+  if (budget != -1.0) c.Set("--kv-budget", std::to_string(budget));
   return c;
 }
 
@@ -253,7 +252,7 @@ size_t LayoutBytes(const DynaKvCache& c, int elem_bytes) {
   const int meta_width = c.shape().kv_dim() <= 256 ? 1 : 2;
   size_t bytes = 0;
   for (int l = 0; l < c.shape().n_layer; ++l) {
-    const int n = c.tokens_in_layer(l);
+    const int n = c.Stored(l);
     for (int t = 0; t < n; ++t) {
       const TokenRanks r = c.Ranks(l, t);
       bytes += static_cast<size_t>(r.r_k + r.r_v) * elem_bytes;
@@ -523,12 +522,11 @@ std::string CreateError(const KvConfig& c, const DynaKvProfile& p) {
 
 TEST(DynaKv, FactoryErrorsNameTheFlag) {
   KvConfig c = Config("uniform", 8, -1, -1);
-  c.profile_path = "";
   auto missing = CreateKvCache(c, Info(), 64);
   ASSERT_FALSE(missing.ok());
   EXPECT_EQ(missing.status().code(), Code::kInvalidArgument);
   EXPECT_THAT(missing.status().message(), HasSubstr("--profile: dynakv needs a calibrated profile (dynakv calibrate)"));
-  c.profile_path = "/nonexistent/dir/p.dkv";
+  c.Set("--profile", "/nonexistent/dir/p.dkv");
   auto absent = CreateKvCache(c, Info(), 64);
   ASSERT_FALSE(absent.ok());
   EXPECT_THAT(absent.status().message(), HasSubstr("/nonexistent/dir/p.dkv"));
@@ -548,6 +546,8 @@ TEST(DynaKv, FactoryErrorsNameTheFlag) {
   EXPECT_THAT(CreateError(Config("energy", -1, -1, 1.5), p), HasSubstr("--kv-budget"));
   EXPECT_THAT(CreateError(Config("router", -1, -1, 0.25), p), HasSubstr("--rank-policy"));
   EXPECT_THAT(CreateError(Config("uniform", 8, -1, -1, "q8"), p), HasSubstr("--kv-dtype"));
+  EXPECT_THAT(CreateKvCache(Config("uniform", 8, -1, -1).Set("--sinks", "4"), Info(), 64).status().message(),
+              HasSubstr("--sinks"));
   DynaKvProfile other = p;
   other.model_fingerprint ^= 1;
   EXPECT_THAT(CreateError(Config("uniform", 8, -1, -1), other), HasSubstr("calibrat"));
@@ -556,7 +556,7 @@ TEST(DynaKv, FactoryErrorsNameTheFlag) {
   const std::string path = ::testing::TempDir() + "dk_test_dynakv.dkv";
   ASSERT_TRUE(SaveProfile(p, path).ok());
   c = Config("energy", -1, -1, 0.25);
-  c.profile_path = path;
+  c.Set("--profile", path);
   auto ok = CreateKvCache(c, Info(), 64);
   ASSERT_TRUE(ok.ok()) << ok.status().ToString();
   EXPECT_THAT((*ok)->name(), HasSubstr("dynakv"));

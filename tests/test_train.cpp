@@ -335,8 +335,7 @@ TEST(TrainGraphEngine, RelaxedArgmaxMatchesTheRouterCache) {
   // The engine with the DynaKV cache (f32 latents) and the router policy.
   KvConfig kc;
   kc.method = "dynakv";
-  kc.dtype = "f32";
-  kc.rank_policy = "router";
+  kc.Set("--kv-dtype", "f32").Set("--rank-policy", "router");
   auto cache = CreateDynaKvCacheFromProfile(kc, KvModelInfo{c.kv_shape(), TheModel().fingerprint(), "m"}, T,
                                             std::make_shared<const DynaKvProfile>(p), "p");
   ASSERT_TRUE(cache.ok()) << cache.status().ToString();
@@ -463,8 +462,8 @@ TEST(TrainRouter, MeetsItsTargetOnHeldOutText) {
   for (double budget : {-1.0, 0.125}) {
     KvConfig kc;
     kc.method = "dynakv";
-    kc.rank_policy = "router";
-    kc.kv_budget = budget;
+    kc.Set("--rank-policy", "router");
+    if (budget > 0) kc.Set("--kv-budget", std::to_string(budget));
     auto cache = CreateDynaKvCacheFromProfile(kc, KvModelInfo{c.kv_shape(), TheModel().fingerprint(), "m"}, 128,
                                               profile, "p");
     ASSERT_TRUE(cache.ok()) << cache.status().ToString();

@@ -14,46 +14,30 @@ namespace dk {
 
 namespace {
 
-// A KvCache that behaves exactly like the fp32 full cache and, on the side, accumulates the moments
-// of every key and value row it is handed, per layer.
-class CalibrationCache final : public KvCache {
+// The fp32 full cache, with a tap that accumulates the moments of every key and value row it is
+// handed, per layer.
+class CalibrationCache final : public KvCacheWrapper {
  public:
   CalibrationCache(const KvShape& shape, int capacity)
-      : KvCache(shape, capacity), inner_(shape, capacity, KvDtype::kF32) {
+      : KvCacheWrapper(std::make_unique<FullKvCache>(shape, capacity, KvDtype::kF32)) {
     for (int l = 0; l < shape.n_layer; ++l) {
       k_moments_.emplace_back(shape.kv_dim());
       v_moments_.emplace_back(shape.kv_dim());
     }
   }
-  std::string name() const override { return "calibration(" + inner_.name() + ")"; }
+  std::string name() const override { return "calibration(" + inner().name() + ")"; }
 
   void Write(int layer, const KvPlan& plan, const float* k, const float* v, const float* x) override {
-    // The base class's Apply is not virtual: keep the inner cache's cell count in step here, once
-    // per batch (the first layer to see the plan).
-    if (inner_.n_tokens() == plan.first) {
-      apply_status_ = inner_.Apply(plan);
-    }
-    inner_.Write(layer, plan, k, v, x);
+    KvCacheWrapper::Write(layer, plan, k, v, x);
     k_moments_[layer].Add(k, plan.n);
     v_moments_[layer].Add(v, plan.n);
   }
-  void Attend(int layer, const KvPlan& plan, const float* q, float* out, ThreadPool& pool) override {
-    inner_.Attend(layer, plan, q, out, pool);
-  }
-  size_t BytesUsed() const override { return inner_.BytesUsed(); }
-  size_t BytesReserved() const override { return inner_.BytesReserved(); }
 
   const MomentAccumulator& k_moments(int layer) const { return k_moments_[layer]; }
   const MomentAccumulator& v_moments(int layer) const { return v_moments_[layer]; }
-  const Status& apply_status() const { return apply_status_; }
-
- protected:
-  void OnClear() override { inner_.Clear(); }
 
  private:
-  FullKvCache inner_;
   std::vector<MomentAccumulator> k_moments_, v_moments_;  // [n_layer]
-  Status apply_status_;
 };
 
 }  // namespace
@@ -169,7 +153,6 @@ StatusOr<DynaKvProfile> Calibrate(const Model& model, const std::vector<int32_t>
     for (int b = 0; b < n_ctx; b += n_batch) {
       const int n = std::min(n_batch, n_ctx - b);
       DK_RETURN_IF_ERROR(model.Forward(chunk.data() + b, n, cache, st, logits.data(), false, pool));
-      DK_RETURN_IF_ERROR(cache.apply_status());
     }
     if (progress) progress(static_cast<int>(c + 1), static_cast<int>(n_chunks));
   }

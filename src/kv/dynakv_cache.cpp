@@ -4,10 +4,12 @@
 #include "kv/dynakv_cache.h"
 
 #include <algorithm>
-#include <cassert>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <map>
+#include <mutex>
+#include <sys/stat.h>
 
 #include <cblas.h>
 
@@ -114,14 +116,6 @@ void DynaKvCache::Append(LayerStore& s, const float* c, int r) {
 void DynaKvCache::Write(int layer, const KvPlan& plan, const float* k, const float* v, const float* x) {
   LayerStore& s = layers_[layer];
   const int n = plan.n, Dk = D();
-  assert(plan.first <= s.n && "DynaKvCache::Write: tokens must be written in order");
-  if (plan.first < s.n) {  // rewriting a tail: drop it (offsets of earlier tokens stay valid)
-    std::vector<int> rk(s.n - plan.first), rv(s.n - plan.first);
-    std::vector<int64_t> off(s.n - plan.first);
-    DecodeBlock(s, plan.first, s.n, rk.data(), rv.data(), off.data());
-    s.used = off[0];
-    s.n = plan.first;
-  }
   const size_t rows = static_cast<size_t>(n) * Dk;
   xc_.resize(rows);
   ck_.resize(rows);
@@ -139,18 +133,55 @@ void DynaKvCache::Write(int layer, const KvPlan& plan, const float* k, const flo
   }
   Grow(s, need);
   for (int i = 0; i < n; ++i) {
-    const int t = plan.first + i;
-    if (t % kIndexEvery == 0) s.index[t / kIndexEvery] = static_cast<uint32_t>(s.used);
-    uint8_t* m = s.meta.data() + static_cast<size_t>(t) * 2 * meta_width_;
-    const int stored[2] = {ranks_[i].r_k - 1, ranks_[i].r_v - 1};
-    for (int w = 0; w < 2; ++w) {
-      m[w * meta_width_] = static_cast<uint8_t>(stored[w] & 0xFF);
-      if (meta_width_ == 2) m[w * meta_width_ + 1] = static_cast<uint8_t>(stored[w] >> 8);
-    }
-    Append(s, ck_.data() + static_cast<size_t>(i) * Dk, ranks_[i].r_k);
-    Append(s, cv_.data() + static_cast<size_t>(i) * Dk, ranks_[i].r_v);
+    AppendRecord(s, ranks_[i], ck_.data() + static_cast<size_t>(i) * Dk, cv_.data() + static_cast<size_t>(i) * Dk);
   }
-  s.n = plan.first + n;
+}
+
+// Appends one token's record at stored index s.n: its ranks in the metadata, the index entry when
+// it starts a block, then the latents.
+void DynaKvCache::AppendRecord(LayerStore& s, TokenRanks r, const float* ck, const float* cv) {
+  const int t = s.n;
+  if (t % kIndexEvery == 0) s.index[t / kIndexEvery] = static_cast<uint32_t>(s.used);
+  uint8_t* m = s.meta.data() + static_cast<size_t>(t) * 2 * meta_width_;
+  const int stored[2] = {r.r_k - 1, r.r_v - 1};
+  for (int w = 0; w < 2; ++w) {
+    m[w * meta_width_] = static_cast<uint8_t>(stored[w] & 0xFF);
+    if (meta_width_ == 2) m[w * meta_width_ + 1] = static_cast<uint8_t>(stored[w] >> 8);
+  }
+  Append(s, ck, r.r_k);
+  Append(s, cv, r.r_v);
+  ++s.n;
+}
+
+void DynaKvCache::ReadKeys(int layer, int first, int n, float* out) const {
+  for (int i = 0; i < n; ++i) ReconstructK(layer, first + i, out + static_cast<size_t>(i) * D());
+}
+
+// Records move toward the front (keep[i] >= i): each kept record is read before anything is written
+// over it, so the arena is compacted in place. Metadata and the block index are rebuilt.
+Status DynaKvCache::Retain(int layer, const std::vector<std::vector<int>>& keep) {
+  DK_RETURN_IF_ERROR(CheckRetain(layer, keep));
+  LayerStore& s = layers_[layer];
+  const std::vector<int>& k = keep[0];
+  std::vector<int> rk(s.n), rv(s.n);
+  std::vector<int64_t> off(s.n);
+  if (s.n > 0) DecodeBlock(s, 0, s.n, rk.data(), rv.data(), off.data());
+  const int64_t eb = cost_.elem_bytes;
+  s.n = 0;
+  s.used = 0;
+  for (int i = 0; i < static_cast<int>(k.size()); ++i) {
+    const int t = k[i];
+    const int64_t len = rk[t] + rv[t];
+    if (off[t] != s.used)
+      std::memmove(s.arena.data() + s.used * eb, s.arena.data() + off[t] * eb, static_cast<size_t>(len * eb));
+    if (i % kIndexEvery == 0) s.index[i / kIndexEvery] = static_cast<uint32_t>(s.used);
+    uint8_t* m = s.meta.data() + static_cast<size_t>(i) * 2 * meta_width_;
+    const uint8_t* src = s.meta.data() + static_cast<size_t>(t) * 2 * meta_width_;
+    if (m != src) std::memmove(m, src, 2 * meta_width_);
+    s.used += len;
+    ++s.n;
+  }
+  return Status::Ok();
 }
 
 void DynaKvCache::DecodeBlock(const LayerStore& s, int t0, int t1, int* rk, int* rv, int64_t* off) const {
@@ -215,7 +246,7 @@ void DynaKvCache::ReconstructV(int layer, int t, float* dst) const {
 
 void DynaKvCache::AttendReference(int layer, const KvPlan& plan, const float* q, float* out) const {
   const int d = shape_.head_dim, Hq = shape_.n_head, group = Hq / shape_.n_head_kv, Dk = D();
-  const int T = plan.first + plan.n;
+  const int T = layers_[layer].n, before = T - plan.n;
   std::vector<double> kh(static_cast<size_t>(T) * Dk), vh(static_cast<size_t>(T) * Dk), p(T);
   for (int t = 0; t < T; ++t) {
     Reconstruct(layer, t, false, &kh[static_cast<size_t>(t) * Dk]);
@@ -223,7 +254,7 @@ void DynaKvCache::AttendReference(int layer, const KvPlan& plan, const float* q,
   }
   const double scale = 1.0 / std::sqrt(static_cast<double>(d));
   for (int i = 0; i < plan.n; ++i) {
-    const int visible = plan.first + i + 1;
+    const int visible = before + i + 1;
     for (int h = 0; h < Hq; ++h) {
       const float* qh = q + (static_cast<size_t>(i) * Hq + h) * d;
       const int64_t col = static_cast<int64_t>(h / group) * d;
@@ -473,7 +504,7 @@ void DynaKvCache::AttendLatent(int layer, const KvPlan& plan, float* out, Thread
       std::fill(p.acc.begin(), p.acc.end(), 0.0f);
       p.rmax_v = 0;
     }
-    const int T = plan.first + i + 1;
+    const int T = s.n - plan.n + i + 1;  // stored before the batch, plus the batch's tokens up to i
     const float* mterm = mterm_.data() + static_cast<size_t>(i) * Hq;
     pool.ParallelFor(CeilDiv(T, kIndexEvery), [&](int64_t b, int64_t e, int tid) {
       if (b >= e) return;
@@ -506,8 +537,8 @@ void DynaKvCache::AttendLatent(int layer, const KvPlan& plan, float* out, Thread
 // padding adds nothing to a dot product), then per head S = Q~ C_K^T and A = P C_V as GEMMs.
 void DynaKvCache::AttendGemm(int layer, const KvPlan& plan, float* out, ThreadPool& pool) {
   const int Hq = shape_.n_head, Dk = D();
-  const int n = plan.n, T = plan.first + plan.n;
   const LayerStore& s = layers_[layer];
+  const int n = plan.n, T = s.n, before = T - n;
   std::vector<int> rk(T), rv(T);
   std::vector<int64_t> off(T);
   DecodeBlock(s, 0, T, rk.data(), rv.data(), off.data());
@@ -534,7 +565,7 @@ void DynaKvCache::AttendGemm(int layer, const KvPlan& plan, float* out, ThreadPo
     pool.ParallelFor(n, [&](int64_t b, int64_t e, int) {
       for (int64_t i = b; i < e; ++i) {
         float* row = S + i * T;
-        const int visible = plan.first + static_cast<int>(i) + 1;
+        const int visible = before + static_cast<int>(i) + 1;
         const float m = mterm_[static_cast<size_t>(i) * Hq + h];
         for (int t = 0; t < visible; ++t) row[t] += m;
         Softmax(row, visible);
@@ -553,9 +584,8 @@ StatusOr<std::unique_ptr<DynaKvCache>> CreateDynaKvCacheFromProfile(const KvConf
                                                                     int capacity,
                                                                     std::shared_ptr<const DynaKvProfile> profile,
                                                                     const std::string& origin) {
-  if (config.dtype != "f16" && config.dtype != "f32")
-    return InvalidArgument("--kv-dtype: dynakv stores latents as f16 or f32, found '" + config.dtype + "'");
-  const KvDtype dtype = config.dtype == "f16" ? KvDtype::kF16 : KvDtype::kF32;
+  KvDtype dtype;
+  DK_ASSIGN_OR_RETURN(dtype, ParseKvDtype(config.options.String("--kv-dtype", "f16"), "--kv-dtype"));
   if (profile == nullptr) return InvalidArgument("dynakv: no profile given");
   DK_RETURN_IF_ERROR(ValidateProfile(*profile, origin));
   DK_RETURN_IF_ERROR(CheckProfileMatchesModel(*profile, model, origin));
@@ -580,16 +610,53 @@ StatusOr<std::unique_ptr<DynaKvCache>> CreateDynaKvCacheFromProfile(const KvConf
   return std::make_unique<DynaKvCache>(shape, capacity, dtype, std::move(profile), std::move(policy));
 }
 
-StatusOr<std::unique_ptr<KvCache>> CreateDynaKvCache(const KvConfig& config, const KvModelInfo& model, int capacity) {
-  if (config.profile_path.empty())
-    return InvalidArgument("--profile: dynakv needs a calibrated profile (dynakv calibrate)");
+StatusOr<std::shared_ptr<const DynaKvProfile>> LoadSharedProfile(const std::string& path) {
+  // One copy per file for the whole process: every cache (sequence, server slot, eval run) built
+  // on a profile reads the same bases and router. A file that changed on disk is loaded again.
+  static std::mutex mu;
+  static std::map<std::string, std::pair<std::string, std::weak_ptr<const DynaKvProfile>>> loaded;
+  struct stat st;
+  const std::string stamp = ::stat(path.c_str(), &st) == 0
+                                ? std::to_string(st.st_mtim.tv_sec) + "." + std::to_string(st.st_mtim.tv_nsec) +
+                                      ":" + std::to_string(st.st_size)
+                                : "";
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = loaded.find(path);
+  if (it != loaded.end() && it->second.first == stamp && !stamp.empty())
+    if (auto p = it->second.second.lock()) return p;
   DynaKvProfile profile;
-  DK_ASSIGN_OR_RETURN(profile, LoadProfile(config.profile_path));
+  DK_ASSIGN_OR_RETURN(profile, LoadProfile(path));
+  auto shared = std::make_shared<const DynaKvProfile>(std::move(profile));
+  loaded[path] = {stamp, shared};
+  return shared;
+}
+
+namespace {
+
+StatusOr<std::unique_ptr<KvCache>> CreateDynaKv(const KvConfig& config, const KvModelInfo& model, int capacity) {
+  const std::string path = config.options.String("--profile", "");
+  if (path.empty()) return InvalidArgument("--profile: dynakv needs a calibrated profile (dynakv calibrate)");
+  std::shared_ptr<const DynaKvProfile> profile;
+  DK_ASSIGN_OR_RETURN(profile, LoadSharedProfile(path));
   std::unique_ptr<DynaKvCache> cache;
-  DK_ASSIGN_OR_RETURN(cache, CreateDynaKvCacheFromProfile(config, model, capacity,
-                                                          std::make_shared<const DynaKvProfile>(std::move(profile)),
-                                                          config.profile_path));
+  DK_ASSIGN_OR_RETURN(cache, CreateDynaKvCacheFromProfile(config, model, capacity, std::move(profile), path));
   return std::unique_ptr<KvCache>(std::move(cache));
+}
+
+}  // namespace
+
+const KvMethod& DynaKvMethod() {
+  static const KvMethod m{
+      "dynakv",
+      "low-rank latents on a calibrated basis, each token its own rank (--profile)",
+      {{"--kv-dtype", "TYPE", "storage of cached rows or latents: f16 (default) or f32"},
+       {"--profile", "FILE", "dynakv: calibrated profile from 'dynakv calibrate' (or 'train-router')"},
+       {"--rank-policy", "NAME", "dynakv: uniform (default), energy, or router (a profile from train-router)"},
+       {"--rank", "N", "dynakv uniform: rank of every token's latent (1..D)"},
+       {"--tau", "X", "dynakv energy: fraction of each token's latent energy to keep"},
+       {"--kv-budget", "X", "dynakv: cache bytes as a fraction of the fp16 full cache"}},
+      &CreateDynaKv};
+  return m;
 }
 
 }  // namespace dk

@@ -30,7 +30,11 @@ class DynaKvCache final : public KvCache {
   std::string name() const override;
   void Write(int layer, const KvPlan& plan, const float* k, const float* v, const float* x) override;
   void Attend(int layer, const KvPlan& plan, const float* q, float* out, ThreadPool& pool) override;
-  // Latents + metadata + offset index of the tokens written (docs/kv_layout.md, "Bytes").
+  int Stored(int layer) const override { return layers_[layer].n; }
+  void ReadKeys(int layer, int first, int n, float* out) const override;
+  // One token set per layer (the latents are shared by all KV heads).
+  Status Retain(int layer, const std::vector<std::vector<int>>& keep) override;
+  // Latents + metadata + offset index of the tokens stored (docs/kv_layout.md, "Bytes").
   size_t BytesUsed() const override;
   // Arena, metadata and index allocations.
   size_t BytesReserved() const override;
@@ -40,9 +44,8 @@ class DynaKvCache final : public KvCache {
   const RecordCost& cost() const { return cost_; }
   const RankPolicy& policy() const { return *policy_; }
   const DynaKvProfile& profile() const { return *profile_; }
-  int tokens_in_layer(int layer) const { return layers_[layer].n; }
 
-  // Reference path for tests: token t's stored ranks, and its rank-r reconstruction
+  // Reference path for tests: stored token t's ranks, and its rank-r reconstruction
   // k^ = U[:, :r] c + mu (computed in double). dst: [D]
   TokenRanks Ranks(int layer, int t) const;
   void ReconstructK(int layer, int t, float* dst) const;
@@ -78,6 +81,7 @@ class DynaKvCache final : public KvCache {
   void ReadLatent(const LayerStore& s, int64_t off, int r, float* dst) const;  // dst: [r]
   void Reconstruct(int layer, int t, bool value, double* dst) const;            // dst: [D]
   void Append(LayerStore& s, const float* c, int r);
+  void AppendRecord(LayerStore& s, TokenRanks r, const float* ck, const float* cv);
   void Grow(LayerStore& s, int64_t need_elems);
 
   // Projected queries: qt [n][Hq][D] = U_K,h^T q_h / sqrt(d); mterm [n][Hq] = q_h . mu_K,h / sqrt(d).
@@ -107,10 +111,12 @@ class DynaKvCache final : public KvCache {
   std::vector<Partial> partials_;     // [threads]
 };
 
-// Registered as "dynakv": loads config.profile_path, checks it against the model, builds the
-// rank policy from the flags and validates the dtype.
-StatusOr<std::unique_ptr<KvCache>> CreateDynaKvCache(const KvConfig& config, const KvModelInfo& model, int capacity);
-// Same with a profile already in memory (tests, tools); `origin` names it in messages.
+// Loads a profile once per process and file: later calls share the same copy while any cache holds
+// it (a file changed on disk is loaded again).
+StatusOr<std::shared_ptr<const DynaKvProfile>> LoadSharedProfile(const std::string& path);
+// Registered as "dynakv" (DynaKvMethod): loads --profile, checks it against the model, builds the
+// rank policy from the flags. This one takes a profile already in memory; `origin` names it in
+// messages.
 StatusOr<std::unique_ptr<DynaKvCache>> CreateDynaKvCacheFromProfile(const KvConfig& config, const KvModelInfo& model,
                                                                     int capacity,
                                                                     std::shared_ptr<const DynaKvProfile> profile,

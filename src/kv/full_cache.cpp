@@ -1,5 +1,7 @@
 #include "kv/full_cache.h"
 
+#include "kv/registry.h"
+
 #include <cmath>
 #include <algorithm>
 #include <cstring>
@@ -14,19 +16,32 @@
 
 namespace dk {
 
-FullKvCache::FullKvCache(const KvShape& shape, int capacity, KvDtype dtype) : KvCache(shape, capacity), dtype_(dtype) {
+StatusOr<KvDtype> ParseKvDtype(const std::string& text, const std::string& flag) {
+  if (text == "f16") return KvDtype::kF16;
+  if (text == "f32") return KvDtype::kF32;
+  return InvalidArgument(flag + ": expected f16 or f32, found '" + text + "'");
+}
+
+FullKvCache::FullKvCache(const KvShape& shape, int capacity, KvDtype dtype)
+    : KvCache(shape, capacity), dtype_(dtype), n_(shape.n_layer, 0) {
   const size_t layer_bytes = static_cast<size_t>(capacity) * shape.kv_dim() * elem_bytes();
   k_.assign(shape.n_layer, std::vector<uint8_t>(layer_bytes));
   v_.assign(shape.n_layer, std::vector<uint8_t>(layer_bytes));
 }
 
-void FullKvCache::StoreRows(std::vector<uint8_t>& buf, const KvPlan& plan, const float* src) {
+size_t FullKvCache::BytesUsed() const {
+  size_t rows = 0;
+  for (int n : n_) rows += static_cast<size_t>(n);
+  return rows * 2 * shape_.kv_dim() * elem_bytes();
+}
+
+void FullKvCache::StoreRows(std::vector<uint8_t>& buf, int first, int n, const float* src) {
   const int64_t D = shape_.kv_dim();
   if (dtype_ == KvDtype::kF16) {
-    auto* dst = reinterpret_cast<uint16_t*>(buf.data()) + plan.first * D;
-    Fp32ToFp16Row(src, dst, plan.n * D);
+    auto* dst = reinterpret_cast<uint16_t*>(buf.data()) + first * D;
+    Fp32ToFp16Row(src, dst, n * D);
   } else {
-    std::memcpy(buf.data() + plan.first * D * 4, src, plan.n * D * 4);
+    std::memcpy(buf.data() + first * D * 4, src, n * D * 4);
   }
 }
 
@@ -40,12 +55,35 @@ void FullKvCache::ReadRow(const std::vector<uint8_t>& buf, int t, float* dst) co
 }
 
 void FullKvCache::Write(int layer, const KvPlan& plan, const float* k, const float* v, const float* /*x*/) {
-  StoreRows(k_[layer], plan, k);
-  StoreRows(v_[layer], plan, v);
+  StoreRows(k_[layer], n_[layer], plan.n, k);
+  StoreRows(v_[layer], n_[layer], plan.n, v);
+  n_[layer] += plan.n;
 }
 
 void FullKvCache::ReadK(int layer, int t, float* dst) const { ReadRow(k_[layer], t, dst); }
 void FullKvCache::ReadV(int layer, int t, float* dst) const { ReadRow(v_[layer], t, dst); }
+
+void FullKvCache::ReadKeys(int layer, int first, int n, float* out) const {
+  for (int s = 0; s < n; ++s) ReadRow(k_[layer], first + s, out + static_cast<size_t>(s) * shape_.kv_dim());
+}
+
+// Rows move toward the front (keep[s] >= s), so compacting in place, in order, never overwrites a
+// row still to be read.
+Status FullKvCache::Retain(int layer, const std::vector<std::vector<int>>& keep) {
+  DK_RETURN_IF_ERROR(CheckRetain(layer, keep));
+  const size_t D = shape_.kv_dim(), d = shape_.head_dim, e = elem_bytes();
+  const size_t width = keep.size() == 1 ? D : d;  // bytes moved per row: all heads, or one head's columns
+  for (size_t g = 0; g < keep.size(); ++g) {
+    const size_t col = keep.size() == 1 ? 0 : g * d;
+    for (std::vector<uint8_t>* buf : {&k_[layer], &v_[layer]})
+      for (size_t s = 0; s < keep[g].size(); ++s)
+        if (keep[g][s] != static_cast<int>(s))
+          std::memmove(buf->data() + (s * D + col) * e, buf->data() + (static_cast<size_t>(keep[g][s]) * D + col) * e,
+                       width * e);
+  }
+  n_[layer] = static_cast<int>(keep[0].size());
+  return Status::Ok();
+}
 
 void FullKvCache::Attend(int layer, const KvPlan& plan, const float* q, float* out, ThreadPool& pool) {
   if (plan.n >= kGemmMinBatch) {
@@ -56,11 +94,12 @@ void FullKvCache::Attend(int layer, const KvPlan& plan, const float* q, float* o
   const int d = shape_.head_dim, Hq = shape_.n_head, group = Hq / shape_.n_head_kv;
   const int64_t D = shape_.kv_dim();
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  const int before = n_[layer] - plan.n;  // rows stored before this batch
   pool.ParallelFor(static_cast<int64_t>(plan.n) * Hq, [&](int64_t begin, int64_t end, int) {
-    std::vector<float> scores(plan.first + plan.n);
+    std::vector<float> scores(n_[layer]);
     for (int64_t item = begin; item < end; ++item) {
       const int i = static_cast<int>(item / Hq), h = static_cast<int>(item % Hq), g = h / group;
-      const int T = plan.first + i + 1;
+      const int T = before + i + 1;
       const float* qi = q + static_cast<int64_t>(i) * Hq * d + h * d;
       float* oi = out + static_cast<int64_t>(i) * Hq * d + h * d;
       if (dtype_ == KvDtype::kF32) {
@@ -96,7 +135,7 @@ void FullKvCache::ConvertHead(const std::vector<uint8_t>& buf, int64_t g, int T,
 void FullKvCache::AttendGemm(int layer, const KvPlan& plan, const float* q, float* out, ThreadPool& pool) {
   const int d = shape_.head_dim, Hq = shape_.n_head, Hkv = shape_.n_head_kv, group = Hq / Hkv;
   const int64_t D = shape_.kv_dim();
-  const int n = plan.n, T = plan.first + plan.n;
+  const int n = plan.n, T = n_[layer], before = T - n;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   scratch_s_.resize(static_cast<size_t>(n) * T);
   for (int g = 0; g < Hkv; ++g) {
@@ -121,7 +160,7 @@ void FullKvCache::AttendGemm(int layer, const KvPlan& plan, const float* q, floa
       pool.ParallelFor(n, [&](int64_t b, int64_t e, int) {
         for (int64_t i = b; i < e; ++i) {
           float* row = S + i * T;
-          const int visible = plan.first + static_cast<int>(i) + 1;
+          const int visible = before + static_cast<int>(i) + 1;
           Softmax(row, visible);
           for (int t = visible; t < T; ++t) row[t] = 0.0f;
         }
@@ -129,6 +168,24 @@ void FullKvCache::AttendGemm(int layer, const KvPlan& plan, const float* q, floa
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, d, T, 1.0f, S, T, vr, ld, 0.0f, out + h * d, Hq * d);
     }
   }
+}
+
+namespace {
+
+StatusOr<std::unique_ptr<KvCache>> CreateFull(const KvConfig& config, const KvModelInfo& model, int capacity) {
+  KvDtype dtype;
+  DK_ASSIGN_OR_RETURN(dtype, ParseKvDtype(config.options.String("--kv-dtype", "f16"), "--kv-dtype"));
+  return std::unique_ptr<KvCache>(new FullKvCache(model.shape, capacity, dtype));
+}
+
+}  // namespace
+
+const KvMethod& FullKvMethod() {
+  static const KvMethod m{"full",
+                          "uncompressed keys and values (fp16 or fp32)",
+                          {{"--kv-dtype", "TYPE", "storage of cached rows or latents: f16 (default) or f32"}},
+                          &CreateFull};
+  return m;
 }
 
 }  // namespace dk

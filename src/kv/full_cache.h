@@ -1,4 +1,6 @@
-// The uncompressed KV cache: every token's post-RoPE keys and values, fp16 or fp32.
+// The uncompressed KV cache: every stored token's post-RoPE keys and values, fp16 or fp32.
+// Eviction may keep a different subset per KV head (PerHeadRetain): row s of KV head g is then
+// the s-th token that head kept.
 #pragma once
 
 #include <vector>
@@ -8,6 +10,8 @@
 namespace dk {
 
 enum class KvDtype { kF16, kF32 };
+// "f16" / "f32"; anything else is InvalidArgument naming `flag`.
+StatusOr<KvDtype> ParseKvDtype(const std::string& text, const std::string& flag);
 
 class FullKvCache final : public KvCache {
  public:
@@ -16,17 +20,22 @@ class FullKvCache final : public KvCache {
 
   void Write(int layer, const KvPlan& plan, const float* k, const float* v, const float* x) override;
   void Attend(int layer, const KvPlan& plan, const float* q, float* out, ThreadPool& pool) override;
-  size_t BytesUsed() const override { return static_cast<size_t>(n_tokens_) * BytesPerToken(); }
+  int Stored(int layer) const override { return n_[layer]; }
+  void ReadKeys(int layer, int first, int n, float* out) const override;
+  Status Retain(int layer, const std::vector<std::vector<int>>& keep) override;
+  bool PerHeadRetain() const override { return true; }
+  size_t BytesUsed() const override;
   size_t BytesReserved() const override { return static_cast<size_t>(capacity_) * BytesPerToken(); }
   size_t BytesPerToken() const { return static_cast<size_t>(shape_.n_layer) * 2 * shape_.kv_dim() * elem_bytes(); }
 
-  // Row of cell t in layer l, as floats (converted when fp16). dst: [kv_dim]
+  // Stored row t of layer l, as floats (converted when fp16). dst: [kv_dim]
   void ReadK(int layer, int t, float* dst) const;
   void ReadV(int layer, int t, float* dst) const;
 
  private:
   size_t elem_bytes() const { return dtype_ == KvDtype::kF16 ? 2 : 4; }
-  void StoreRows(std::vector<uint8_t>& buf, const KvPlan& plan, const float* src);
+  void OnClear() override { n_.assign(shape_.n_layer, 0); }
+  void StoreRows(std::vector<uint8_t>& buf, int first, int n, const float* src);
   void ReadRow(const std::vector<uint8_t>& buf, int t, float* dst) const;
 
   void ConvertHead(const std::vector<uint8_t>& buf, int64_t g, int T, float* dst) const;  // dst: [T][d]
@@ -34,8 +43,9 @@ class FullKvCache final : public KvCache {
   static constexpr int kGemmMinBatch = 8;
 
   KvDtype dtype_;
-  // Per layer: [capacity][kv_dim] elements of dtype_, cell-major.
+  // Per layer: [capacity][kv_dim] elements of dtype_, row s = the s-th stored token (of each head).
   std::vector<std::vector<uint8_t>> k_, v_;
+  std::vector<int> n_;                         // [n_layer] rows stored
   std::vector<float> scratch_s_;               // [n][T] scores of one head (batched path)
   std::vector<float> scratch_k_, scratch_v_;   // [T][d] one kv head as fp32 (fp16 storage)
 };

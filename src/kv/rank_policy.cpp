@@ -54,11 +54,18 @@ double MinBudgetFraction(const RankPolicyContext& ctx) {
   return FractionFor(2 * (ctx.levels.empty() ? 1 : ctx.levels.front()), ctx);
 }
 
-StatusOr<std::unique_ptr<RankPolicy>> CreateRankPolicy(const KvConfig& config, const RankPolicyContext& ctx) {
+StatusOr<std::unique_ptr<RankPolicy>> CreateRankPolicy(const KvConfig& kv, const RankPolicyContext& ctx) {
   const int D = ctx.kv_dim;
-  const std::string& name = config.rank_policy;
+  const std::string name = kv.options.String("--rank-policy", "uniform");
   if (name != "uniform" && name != "energy" && name != "router")
     return InvalidArgument("--rank-policy: unknown rank policy '" + name + "' (known: uniform, energy, router)");
+  struct {
+    int rank;
+    double tau, kv_budget;
+  } config;
+  DK_ASSIGN_OR_RETURN(config.rank, kv.options.Int("--rank", -1, 1, 1 << 20));
+  DK_ASSIGN_OR_RETURN(config.tau, kv.options.Double("--tau", -1.0, 0.0, 1.0));
+  DK_ASSIGN_OR_RETURN(config.kv_budget, kv.options.Double("--kv-budget", -1.0, 1e-9, 1.0));
   const bool has_rank = IsSet(config.rank), has_tau = IsSet(config.tau), has_budget = IsSet(config.kv_budget);
   if (name == "uniform" && has_tau)
     return InvalidArgument("--tau: only the energy rank policy takes --tau (--rank-policy is uniform; use --rank)");

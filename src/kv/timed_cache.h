@@ -9,41 +9,20 @@
 
 namespace dk {
 
-class TimedKvCache final : public KvCache {
+class TimedKvCache final : public KvCacheWrapper {
  public:
-  explicit TimedKvCache(std::unique_ptr<KvCache> inner)
-      : KvCache(inner->shape(), inner->capacity()), inner_(std::move(inner)) {}
-  std::string name() const override { return inner_->name(); }
+  explicit TimedKvCache(std::unique_ptr<KvCache> inner) : KvCacheWrapper(std::move(inner)) {}
 
-  void Write(int layer, const KvPlan& plan, const float* k, const float* v, const float* x) override {
-    SyncInner(plan);
-    inner_->Write(layer, plan, k, v, x);
-  }
   void Attend(int layer, const KvPlan& plan, const float* q, float* out, ThreadPool& pool) override {
     const auto t0 = std::chrono::steady_clock::now();
-    inner_->Attend(layer, plan, q, out, pool);
+    KvCacheWrapper::Attend(layer, plan, q, out, pool);
     attend_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
-  size_t BytesUsed() const override { return inner_->BytesUsed(); }
-  size_t BytesReserved() const override { return inner_->BytesReserved(); }
 
   double attend_seconds() const { return attend_seconds_; }
   void ResetTimer() { attend_seconds_ = 0.0; }
-  KvCache& inner() { return *inner_; }
-
- protected:
-  void OnClear() override { inner_->Clear(); }
 
  private:
-  // The outer cache's Plan/Apply did the bookkeeping; mirror it on the inner cache once per batch.
-  void SyncInner(const KvPlan& plan) {
-    if (inner_->n_tokens() == plan.first) {
-      auto p = inner_->Plan(plan.n);
-      if (p.ok()) (void)inner_->Apply(*p);
-    }
-  }
-
-  std::unique_ptr<KvCache> inner_;
   double attend_seconds_ = 0.0;
 };
 

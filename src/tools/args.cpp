@@ -74,6 +74,12 @@ void ArgParser::AddFlag(std::vector<std::string> names, bool* target, std::strin
                     }});
 }
 
+void ArgParser::AddCallback(std::vector<std::string> names, std::string metavar, std::string help,
+                            std::function<Status(const std::string& value)> apply) {
+  flags_.push_back({std::move(names), std::move(metavar), std::move(help), true, false,
+                    [apply](const std::string&, const std::string& v) { return apply(v); }});
+}
+
 ArgParser::Flag* ArgParser::Find(const std::string& name) {
   for (Flag& f : flags_)
     for (const std::string& n : f.names)

@@ -19,6 +19,9 @@ class ArgParser {
   void AddUInt64(std::vector<std::string> names, unsigned long long* target, std::string help);
   void AddDouble(std::vector<std::string> names, double* target, double lo, double hi, std::string help);
   void AddFlag(std::vector<std::string> names, bool* target, std::string help);
+  // A flag with a value handed to `apply` (which checks it; its error names the flag).
+  void AddCallback(std::vector<std::string> names, std::string metavar, std::string help,
+                   std::function<Status(const std::string& value)> apply);
 
   // Parses argv[first..argc). Positional arguments are not accepted.
   Status Parse(int argc, char** argv, int first);

@@ -197,9 +197,7 @@ int CmdPasskey(int argc, char** argv) {
     j["model"] = model_path;
     j["text"] = text_file;
     j["ctx_size"] = n_ctx;
-    j["kv"] = {{"method", kv.method},     {"dtype", kv.dtype}, {"profile", kv.profile_path},
-               {"rank_policy", kv.rank_policy}, {"rank", kv.rank},   {"tau", kv.tau},
-               {"kv_budget", kv.kv_budget}, {"name", (*cache)->name()}};
+    j["kv"] = {{"method", kv.method}, {"evict", kv.evict}, {"flags", kv.options.values()}, {"name", (*cache)->name()}};
     j["options"] = {{"lengths", opt.lengths}, {"depths", opt.depths},       {"per_cell", opt.per_cell},
                     {"seed", opt.seed},       {"n_predict", opt.n_predict}, {"phrases", opt.phrases}};
     nlohmann::json cj = nlohmann::json::array();

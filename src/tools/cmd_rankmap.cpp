@@ -15,7 +15,6 @@ int CmdRankmap(int argc, char** argv) {
   bool help = false;
   KvConfig kv;
   kv.method = "dynakv";
-  kv.rank_policy = "router";
   ArgParser p("rankmap", "colour a text by the K and V ranks a DynaKV cache gives each token (an HTML page)");
   p.AddString({"-m", "--model"}, &model_path, "FILE", "GGUF model file (required)");
   p.AddString({"-f", "--file"}, &text_file, "FILE", "text file (required)");
@@ -35,6 +34,7 @@ int CmdRankmap(int argc, char** argv) {
   if (out_path.empty()) return UsageError("rankmap", p, InvalidArgument("-o: an output file is required"));
   if (kv.method != "dynakv")
     return UsageError("rankmap", p, InvalidArgument("--kv: rankmap shows the ranks of a dynakv cache"));
+  if (!kv.options.Has("--rank-policy")) kv.Set("--rank-policy", "router");
   if (Status s = ValidateKvFlags(p, kv); !s.ok()) return UsageError("rankmap", p, s);
 
   auto model = Model::Load(model_path);
@@ -52,11 +52,12 @@ int CmdRankmap(int argc, char** argv) {
   auto cache = CreateKvCache(kv, ModelInfoFor(m, model_path), static_cast<int>(tokens.size()));
   if (!cache.ok()) return CacheError("rankmap", p, cache.status());
   auto* dyna = dynamic_cast<DynaKvCache*>(cache->get());
+  if (dyna == nullptr) return UsageError("rankmap", p, InvalidArgument("--evict: rankmap shows a dynakv cache alone"));
   ThreadPool pool(threads);
   SetBlasThreads(threads);
   auto map = CollectRankMap(m, tokens, *dyna, 512, pool);
   if (!map.ok()) return Fail("rankmap", map.status());
-  map->title = m.config().name + " | profile " + kv.profile_path + " | cache " + dyna->name();
+  map->title = m.config().name + " | profile " + kv.options.String("--profile", "") + " | cache " + dyna->name();
   const std::string html = RankMapHtml(*map);
   if (Status s = WriteFileAtomically(out_path, html.data(), html.size()); !s.ok()) return Fail("rankmap", s);
   std::printf("%s", RankMapSummary(*map, 3, 12).c_str());

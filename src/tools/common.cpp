@@ -1,5 +1,6 @@
 #include "tools/common.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <thread>
 
@@ -25,22 +26,30 @@ int DefaultThreads() {
 }
 
 void AddKvFlags(ArgParser& p, KvConfig* kv) {
-  p.AddString({"--kv"}, &kv->method, "METHOD", "KV cache method: full (default) or dynakv");
-  p.AddString({"--kv-dtype"}, &kv->dtype, "TYPE", "storage type of cached rows or latents: f16 (default) or f32");
-  p.AddString({"--profile"}, &kv->profile_path, "FILE", "dynakv: calibrated profile from 'dynakv calibrate'");
-  p.AddString({"--rank-policy"}, &kv->rank_policy, "NAME", "dynakv: uniform (default), energy, or router (a profile from train-router)");
-  p.AddInt({"--rank"}, &kv->rank, 1, 1 << 20, "dynakv uniform: rank of every token's latent (1..D)");
-  p.AddDouble({"--tau"}, &kv->tau, 0.0, 1.0, "dynakv energy: fraction of each token's latent energy to keep");
-  p.AddDouble({"--kv-budget"}, &kv->kv_budget, 1e-6, 1.0, "dynakv: cache bytes as a fraction of the fp16 full cache");
+  std::string methods, wrappers;
+  for (const KvMethod* m : KvMethods()) {
+    std::string& list = m->is_wrapper() ? wrappers : methods;
+    list += (list.empty() ? "" : ", ") + std::string(m->name);
+  }
+  p.AddString({"--kv"}, &kv->method, "METHOD", "KV cache method: " + methods + " (default full)");
+  if (!wrappers.empty())
+    p.AddString({"--evict"}, &kv->evict, "METHOD", "evict tokens from the cache: " + wrappers + " (default none)");
+  // Each method's flags, once each (methods may share a flag, e.g. --kv-dtype).
+  std::vector<std::string> seen;
+  for (const KvMethod* m : KvMethods()) {
+    for (const KvFlag& f : m->flags) {
+      if (std::find(seen.begin(), seen.end(), f.name) != seen.end()) continue;
+      seen.push_back(f.name);
+      const std::string name = f.name;
+      p.AddCallback({name}, f.metavar, f.help, [kv, name](const std::string& value) {
+        kv->options.Set(name, value);
+        return Status::Ok();
+      });
+    }
+  }
 }
 
-Status ValidateKvFlags(const ArgParser& p, const KvConfig& kv) {
-  if (kv.method == "full") {
-    for (const char* f : {"--profile", "--rank-policy", "--rank", "--tau", "--kv-budget"})
-      if (p.WasSet(f)) return InvalidArgument(std::string(f) + ": only meaningful with --kv dynakv");
-  }
-  return Status::Ok();
-}
+Status ValidateKvFlags(const ArgParser& /*p*/, const KvConfig& kv) { return ValidateKvConfig(kv); }
 
 KvModelInfo ModelInfoFor(const Model& model, const std::string& path) {
   return KvModelInfo{model.config().kv_shape(), model.fingerprint(), path};
