@@ -157,6 +157,10 @@ void DynaKvCache::ReadKeys(int layer, int first, int n, float* out) const {
   for (int i = 0; i < n; ++i) ReconstructK(layer, first + i, out + static_cast<size_t>(i) * D());
 }
 
+void DynaKvCache::ReadValues(int layer, int first, int n, float* out) const {
+  for (int i = 0; i < n; ++i) ReconstructV(layer, first + i, out + static_cast<size_t>(i) * D());
+}
+
 // Records move toward the front (keep[i] >= i): each kept record is read before anything is written
 // over it, so the arena is compacted in place. Metadata and the block index are rebuilt.
 Status DynaKvCache::Retain(int layer, const std::vector<std::vector<int>>& keep) {

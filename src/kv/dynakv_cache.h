@@ -32,6 +32,7 @@ class DynaKvCache final : public KvCache {
   void Attend(int layer, const KvPlan& plan, const float* q, float* out, ThreadPool& pool) override;
   int Stored(int layer) const override { return layers_[layer].n; }
   void ReadKeys(int layer, int first, int n, float* out) const override;
+  void ReadValues(int layer, int first, int n, float* out) const override;
   // One token set per layer (the latents are shared by all KV heads).
   Status Retain(int layer, const std::vector<std::vector<int>>& keep) override;
   // Latents + metadata + offset index of the tokens stored (docs/kv_layout.md, "Bytes").

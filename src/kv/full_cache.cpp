@@ -67,6 +67,10 @@ void FullKvCache::ReadKeys(int layer, int first, int n, float* out) const {
   for (int s = 0; s < n; ++s) ReadRow(k_[layer], first + s, out + static_cast<size_t>(s) * shape_.kv_dim());
 }
 
+void FullKvCache::ReadValues(int layer, int first, int n, float* out) const {
+  for (int s = 0; s < n; ++s) ReadRow(v_[layer], first + s, out + static_cast<size_t>(s) * shape_.kv_dim());
+}
+
 // Rows move toward the front (keep[s] >= s), so compacting in place, in order, never overwrites a
 // row still to be read.
 Status FullKvCache::Retain(int layer, const std::vector<std::vector<int>>& keep) {

@@ -22,6 +22,7 @@ class FullKvCache final : public KvCache {
   void Attend(int layer, const KvPlan& plan, const float* q, float* out, ThreadPool& pool) override;
   int Stored(int layer) const override { return n_[layer]; }
   void ReadKeys(int layer, int first, int n, float* out) const override;
+  void ReadValues(int layer, int first, int n, float* out) const override;
   Status Retain(int layer, const std::vector<std::vector<int>>& keep) override;
   bool PerHeadRetain() const override { return true; }
   size_t BytesUsed() const override;

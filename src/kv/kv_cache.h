@@ -78,6 +78,8 @@ class KvCache {
   // out [n][kv_dim], KV head g in columns [g*d, g*d + d) (its own s-th token when heads keep
   // different tokens).
   virtual void ReadKeys(int layer, int first, int n, float* out) const = 0;
+  // The same for values (reference attention in the conformance tests).
+  virtual void ReadValues(int layer, int first, int n, float* out) const = 0;
   // Softmax attention weights of n_q queries over the layer's stored tokens, the queries being those
   // of the last n_q tokens written (query i sees stored tokens [0, Stored - n_q + i]; zeros after).
   //   q: [n_q][q_dim] (after RoPE)   probs: [n_q][H_q][Stored(layer)]
@@ -122,6 +124,9 @@ class KvCacheWrapper : public KvCache {
   }
   int Stored(int layer) const override { return inner_->Stored(layer); }
   void ReadKeys(int layer, int first, int n, float* out) const override { inner_->ReadKeys(layer, first, n, out); }
+  void ReadValues(int layer, int first, int n, float* out) const override {
+    inner_->ReadValues(layer, first, n, out);
+  }
   void Scores(int layer, const float* q, int n_q, float* probs) const override {
     inner_->Scores(layer, q, n_q, probs);
   }

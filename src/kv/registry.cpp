@@ -1,5 +1,7 @@
 #include "kv/registry.h"
 
+#include "kv/eviction.h"
+
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
@@ -11,6 +13,9 @@ const std::vector<const KvMethod*>& KvMethods() {
   static const std::vector<const KvMethod*> methods = {
       &FullKvMethod(),
       &DynaKvMethod(),
+      &SnapKvMethod(),
+      &StreamingLlmMethod(),
+      &H2oMethod(),
   };
   return methods;
 }

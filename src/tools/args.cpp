@@ -76,8 +76,11 @@ void ArgParser::AddFlag(std::vector<std::string> names, bool* target, std::strin
 
 void ArgParser::AddCallback(std::vector<std::string> names, std::string metavar, std::string help,
                             std::function<Status(const std::string& value)> apply) {
-  flags_.push_back({std::move(names), std::move(metavar), std::move(help), true, false,
-                    [apply](const std::string&, const std::string& v) { return apply(v); }});
+  const bool takes_value = !metavar.empty();  // no metavar: a switch, applied with "1"
+  flags_.push_back({std::move(names), std::move(metavar), std::move(help), takes_value, false,
+                    [apply, takes_value](const std::string&, const std::string& v) {
+                      return apply(takes_value ? v : std::string("1"));
+                    }});
 }
 
 ArgParser::Flag* ArgParser::Find(const std::string& name) {

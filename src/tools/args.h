@@ -19,7 +19,8 @@ class ArgParser {
   void AddUInt64(std::vector<std::string> names, unsigned long long* target, std::string help);
   void AddDouble(std::vector<std::string> names, double* target, double lo, double hi, std::string help);
   void AddFlag(std::vector<std::string> names, bool* target, std::string help);
-  // A flag with a value handed to `apply` (which checks it; its error names the flag).
+  // A flag with a value handed to `apply` (which checks it; its error names the flag); with an
+  // empty metavar, a switch that applies "1".
   void AddCallback(std::vector<std::string> names, std::string metavar, std::string help,
                    std::function<Status(const std::string& value)> apply);
 
