@@ -24,6 +24,7 @@ StatusOr<GenerateStats> Generate(const Model& model, const std::vector<int32_t>&
     const int n = static_cast<int>(std::min<size_t>(st.max_batch, prompt.size() - b));
     DK_RETURN_IF_ERROR(model.Forward(prompt.data() + b, n, cache, st, logits.data(), false, pool));
   }
+  DK_RETURN_IF_ERROR(cache.EndPrompt(pool));  // eviction wrappers compress the prompt now
   s.prefill_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
   t0 = Clock::now();
   for (int i = 0; i < n_predict; ++i) {

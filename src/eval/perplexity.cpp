@@ -47,14 +47,22 @@ int ArgMax(const float* x, int n) {
   return best;
 }
 
-// Runs one chunk through the model in batches; logits: [n_ctx][n_vocab].
+// Runs one chunk through the model in batches; logits: [n_ctx][n_vocab]. With the eviction-aware
+// protocol, the first half is a prompt (then EndPrompt; its bytes go to *prompt_bytes) and the rest
+// follows in batches of decode_batch.
 Status RunChunk(const Model& model, std::vector<int32_t>& chunk, KvCache& cache, ForwardState& st, float* logits,
-                int n_batch, ThreadPool& pool) {
+                const PerplexityOptions& opt, int n_batch, ThreadPool& pool, size_t* prompt_bytes) {
   cache.Clear();
   const int n_ctx = static_cast<int>(chunk.size()), V = model.config().n_vocab;
-  for (int b = 0; b < n_ctx; b += n_batch) {
-    const int n = std::min(n_batch, n_ctx - b);
+  const int prompt = opt.prompt_then_decode ? n_ctx / 2 : n_ctx;
+  for (int b = 0; b < n_ctx;) {
+    const int n = b < prompt ? std::min(n_batch, prompt - b) : std::min(opt.decode_batch, n_ctx - b);
     DK_RETURN_IF_ERROR(model.Forward(chunk.data() + b, n, cache, st, logits + static_cast<size_t>(b) * V, true, pool));
+    b += n;
+    if (b == prompt && opt.prompt_then_decode) {
+      DK_RETURN_IF_ERROR(cache.EndPrompt(pool));
+      if (prompt_bytes != nullptr) *prompt_bytes = cache.BytesUsed();
+    }
   }
   return Status::Ok();
 }
@@ -67,6 +75,8 @@ StatusOr<PerplexityResult> ComputePerplexity(const Model& model, const std::vect
   const int n_ctx = opt.n_ctx, V = model.config().n_vocab;
   if (n_ctx < 4) return InvalidArgument("-c: context size must be at least 4, found " + std::to_string(n_ctx));
   if (opt.n_batch < 1) return InvalidArgument("-b: batch size must be positive");
+  if (opt.prompt_then_decode && opt.decode_batch < 1)
+    return InvalidArgument("perplexity: the decode batch must be positive, found " + std::to_string(opt.decode_batch));
   if (static_cast<int64_t>(tokens.size()) < 2LL * n_ctx) {
     return InvalidArgument("perplexity: the text has " + std::to_string(tokens.size()) + " tokens; at least 2 * n_ctx = " +
                            std::to_string(2 * n_ctx) + " are needed (use a smaller -c)");
@@ -76,7 +86,7 @@ StatusOr<PerplexityResult> ComputePerplexity(const Model& model, const std::vect
   int n_chunks = static_cast<int>(tokens.size() / n_ctx);
   if (opt.max_chunks > 0) n_chunks = std::min(n_chunks, opt.max_chunks);
   const int n_batch = std::min(opt.n_batch, n_ctx);
-  ForwardState st(model.config(), n_batch);
+  ForwardState st(model.config(), std::max(n_batch, opt.prompt_then_decode ? opt.decode_batch : 1));
   std::vector<float> logits(static_cast<size_t>(n_ctx) * V), ref_logits;
   if (reference != nullptr) ref_logits.resize(logits.size());
   std::vector<int32_t> chunk(n_ctx);
@@ -87,7 +97,7 @@ StatusOr<PerplexityResult> ComputePerplexity(const Model& model, const std::vect
   PerplexityResult r;
   r.n_chunks = n_chunks;
   r.has_kl = reference != nullptr;
-  double nll = 0.0, nll2 = 0.0, kl = 0.0, kl2 = 0.0, frac = 0.0, bpt = 0.0;
+  double nll = 0.0, nll2 = 0.0, kl = 0.0, kl2 = 0.0, frac = 0.0, frac_prompt = 0.0, bpt = 0.0;
   int64_t count = 0, agree = 0;
   const double full_bytes = static_cast<double>(Fp16FullBytesPerToken(cache.shape()));
   for (int c = 0; c < n_chunks; ++c) {
@@ -95,11 +105,17 @@ StatusOr<PerplexityResult> ComputePerplexity(const Model& model, const std::vect
               chunk.begin());
     if (bos >= 0) chunk[0] = bos;
     const auto t0 = std::chrono::steady_clock::now();
-    DK_RETURN_IF_ERROR(RunChunk(model, chunk, cache, st, logits.data(), n_batch, pool));
+    size_t prompt_bytes = 0;
+    DK_RETURN_IF_ERROR(RunChunk(model, chunk, cache, st, logits.data(), opt, n_batch, pool, &prompt_bytes));
     r.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     bpt += static_cast<double>(cache.BytesUsed()) / n_ctx;
     frac += static_cast<double>(cache.BytesUsed()) / (full_bytes * n_ctx);
-    if (reference != nullptr) DK_RETURN_IF_ERROR(RunChunk(model, chunk, *reference, st, ref_logits.data(), n_batch, pool));
+    frac_prompt += static_cast<double>(prompt_bytes) / (full_bytes * (n_ctx / 2));
+    if (reference != nullptr) {
+      PerplexityOptions plain = opt;
+      plain.prompt_then_decode = false;  // the reference is exact either way; one batch is fastest
+      DK_RETURN_IF_ERROR(RunChunk(model, chunk, *reference, st, ref_logits.data(), plain, n_batch, pool, nullptr));
+    }
     for (int j = first; j < n_ctx - 1; ++j) {
       const float* row = logits.data() + static_cast<size_t>(j) * V;
       const double lp = LogProb(row, V, tokens[static_cast<int64_t>(c) * n_ctx + j + 1]);
@@ -129,6 +145,7 @@ StatusOr<PerplexityResult> ComputePerplexity(const Model& model, const std::vect
     r.same_top1 = static_cast<double>(agree) / count;
   }
   r.kv_fraction = frac / n_chunks;
+  r.kv_fraction_prompt = opt.prompt_then_decode ? frac_prompt / n_chunks : r.kv_fraction;
   r.kv_bytes_per_token = bpt / n_chunks;
   return r;
 }

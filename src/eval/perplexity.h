@@ -18,6 +18,12 @@ struct PerplexityOptions {
   int n_ctx = 512;
   int n_batch = 512;
   int max_chunks = -1;  // -1: all
+  // Eviction-aware protocol: each chunk's first half (the context) is a prompt, compressed by the
+  // cache when it ends (KvCache::EndPrompt); the second half, the scored tokens, follows in batches
+  // of decode_batch, so every scored token sees the compressed context. For caches that compress
+  // each token as it is written (DynaKV, quantized) the numbers equal the plain protocol's.
+  bool prompt_then_decode = false;
+  int decode_batch = 1;
 };
 
 struct PerplexityResult {
@@ -31,6 +37,7 @@ struct PerplexityResult {
   double kl_err = 0.0;              // standard error of that mean
   double same_top1 = 0.0;           // fraction of scored tokens where both argmaxes agree
   double kv_fraction = 0.0;         // mean over chunks of tested BytesUsed / fp16 full-cache bytes
+  double kv_fraction_prompt = 0.0;  // the same after each chunk's first half (prompt_then_decode)
   double kv_bytes_per_token = 0.0;  // tested cache bytes per token, averaged over chunks
   double seconds = 0.0;             // wall time of the tested model's forward passes
 };

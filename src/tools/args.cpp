@@ -139,4 +139,41 @@ std::string ArgParser::Usage() const {
   return s.str();
 }
 
+std::vector<std::string> SplitCommas(const std::string& s) {
+  std::vector<std::string> parts;
+  size_t start = 0;
+  while (true) {
+    const size_t comma = s.find(',', start);
+    parts.push_back(s.substr(start, comma == std::string::npos ? std::string::npos : comma - start));
+    if (comma == std::string::npos) return parts;
+    start = comma + 1;
+  }
+}
+
+Status ParseInts(const std::string& flag, const std::string& value, std::vector<int>* out) {
+  out->clear();
+  for (const std::string& part : SplitCommas(value)) {
+    char* end = nullptr;
+    errno = 0;
+    const long x = std::strtol(part.c_str(), &end, 10);
+    if (part.empty() || *end != '\0' || errno != 0 || x < 1 || x > (1 << 24))
+      return InvalidArgument(flag + ": expected comma-separated integers in [1, 16777216], found '" + value + "'");
+    out->push_back(static_cast<int>(x));
+  }
+  return Status::Ok();
+}
+
+Status ParseDoubles(const std::string& flag, const std::string& value, std::vector<double>* out) {
+  out->clear();
+  for (const std::string& part : SplitCommas(value)) {
+    char* end = nullptr;
+    errno = 0;
+    const double x = std::strtod(part.c_str(), &end);
+    if (part.empty() || *end != '\0' || errno != 0 || !std::isfinite(x))
+      return InvalidArgument(flag + ": expected comma-separated numbers, found '" + value + "'");
+    out->push_back(x);
+  }
+  return Status::Ok();
+}
+
 }  // namespace dk::cli

@@ -43,4 +43,10 @@ class ArgParser {
   std::vector<Flag> flags_;
 };
 
+// "a,b,c" -> {"a", "b", "c"} (empty parts kept, so "1,,2" is refused by the parsers below).
+std::vector<std::string> SplitCommas(const std::string& s);
+// Comma-separated integers in [1, 2^24] / finite numbers; errors name the flag and the value.
+Status ParseInts(const std::string& flag, const std::string& value, std::vector<int>* out);
+Status ParseDoubles(const std::string& flag, const std::string& value, std::vector<double>* out);
+
 }  // namespace dk::cli

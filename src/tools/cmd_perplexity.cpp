@@ -12,7 +12,8 @@ namespace dk::cli {
 int CmdPerplexity(int argc, char** argv) {
   std::string model_path, text_file;
   int n_ctx = 512, n_batch = 2048, threads = DefaultThreads(), chunks = -1;
-  bool help = false, kl = false, quiet = false;
+  bool help = false, kl = false, quiet = false, prompt_then_decode = false;
+  int decode_batch = 16;
   KvConfig kv;
   ArgParser p("perplexity", "perplexity of a text file: chunks of -c tokens, the second half of each scored");
   p.AddString({"-m", "--model"}, &model_path, "FILE", "GGUF model file (required)");
@@ -23,6 +24,10 @@ int CmdPerplexity(int argc, char** argv) {
   p.AddInt({"-t", "--threads"}, &threads, 1, 1024, "threads (default: all cores)");
   p.AddFlag({"--kl-divergence"}, &kl, "also run the fp16 full cache and report KL(full || this cache) per token");
   p.AddFlag({"-q", "--quiet"}, &quiet, "no running values or progress bar");
+  p.AddFlag({"--prompt-then-decode"}, &prompt_then_decode,
+            "each chunk's first half is a prompt (compressed when it ends), the scored half follows in batches "
+            "(on by default with --evict)");
+  p.AddInt({"--decode-batch"}, &decode_batch, 1, 1 << 16, "with --prompt-then-decode: tokens per batch after the prompt (16)");
   AddKvFlags(p, &kv);
   p.AddFlag({"-h", "--help"}, &help, "show this help");
   if (Status s = p.Parse(argc, argv, 2); !s.ok()) return UsageError("perplexity", p, s);
@@ -56,7 +61,10 @@ int CmdPerplexity(int argc, char** argv) {
   std::fprintf(stderr, "perplexity: %zu tokens, %d chunks of %d, kv cache %s\n", tokens.size(), n_chunks, n_ctx,
                (*cache)->name().c_str());
   ProgressBar bar("perplexity", n_chunks, !quiet);
-  PerplexityOptions opt{n_ctx, n_batch, chunks};
+  PerplexityOptions opt{n_ctx, n_batch, chunks, prompt_then_decode || !kv.evict.empty(), decode_batch};
+  if (opt.prompt_then_decode)
+    std::fprintf(stderr, "perplexity: each chunk's first %d tokens are a prompt, the rest follows in batches of %d\n",
+                 n_ctx / 2, decode_batch);
   auto r = ComputePerplexity(m, tokens, **cache, reference.get(), opt, pool, [&](int c, int n, double ppl) {
     if (!quiet) {
       std::printf("[%d]%.4f,", c, ppl);
@@ -71,6 +79,7 @@ int CmdPerplexity(int argc, char** argv) {
               static_cast<long long>(n_chunks) * n_ctx, r->seconds);
   std::printf("KV bytes/token = %.1f\n", r->kv_bytes_per_token);
   std::printf("KV fraction = %.4f\n", r->kv_fraction);
+  if (opt.prompt_then_decode) std::printf("KV fraction (prompt) = %.4f\n", r->kv_fraction_prompt);
   if (r->has_kl) {
     std::printf("KL = %.6f +/- %.6f\n", r->kl_mean, r->kl_err);
     std::printf("same top-1 = %.4f\n", r->same_top1);

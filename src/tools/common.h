@@ -35,6 +35,7 @@ int CmdPerplexity(int argc, char** argv);
 int CmdCalibrate(int argc, char** argv);
 int CmdTrainRouter(int argc, char** argv);
 int CmdRankmap(int argc, char** argv);
+int CmdEval(int argc, char** argv);
 int CmdPasskey(int argc, char** argv);
 
 }  // namespace dk::cli

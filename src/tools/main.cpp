@@ -18,6 +18,7 @@ void PrintUsage(FILE* out) {
                "  train-router  train DynaKV's token-wise rank router by distillation; writes a profile\n"
                "  rankmap     an HTML page of a text coloured by the ranks DynaKV gives each token\n"
                "  passkey     passkey retrieval accuracy (a key hidden in a haystack of text), any KV cache\n"
+               "  eval        compare KV methods at equal cache fractions (perplexity/KL, passkey, speed)\n"
                "run 'dynakv <command> --help' for its flags\n");
 }
 
@@ -41,6 +42,7 @@ int main(int argc, char** argv) {
   if (cmd == "train-router") return CmdTrainRouter(argc, argv);
   if (cmd == "rankmap") return CmdRankmap(argc, argv);
   if (cmd == "passkey") return CmdPasskey(argc, argv);
+  if (cmd == "eval") return CmdEval(argc, argv);
   std::fprintf(stderr, "dynakv: unknown command '%s'\n", cmd.c_str());
   PrintUsage(stderr);
   return kExitUsage;

@@ -1,0 +1,380 @@
+#include "eval/evaluate.h"
+
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+
+#include "core/mapped_file.h"
+#include "core/threads.h"
+#include "eval/generate.h"
+#include "eval/perplexity.h"
+
+namespace dk {
+
+namespace {
+
+using json = nlohmann::json;
+
+EvalMethod Method(std::string name, std::string kv, std::string evict, std::map<std::string, std::string> flags,
+                  bool per_fraction = true, bool rank_at_root = false) {
+  return EvalMethod{std::move(name), std::move(kv), std::move(evict), std::move(flags), per_fraction, rank_at_root};
+}
+
+std::vector<EvalMethod> Presets() {
+  const std::map<std::string, std::string> router = {
+      {"--profile", "{router}"}, {"--rank-policy", "router"}, {"--kv-budget", "{fraction}"}};
+  auto with = [](std::map<std::string, std::string> m, const std::string& k, const std::string& v) {
+    m[k] = v;
+    return m;
+  };
+  return {
+      Method("full", "full", "", {}, false),
+      Method("uniform", "dynakv", "", {{"--profile", "{profile}"}, {"--rank-policy", "uniform"}, {"--kv-budget", "{fraction}"}}),
+      Method("energy", "dynakv", "", {{"--profile", "{profile}"}, {"--rank-policy", "energy"}, {"--kv-budget", "{fraction}"}}),
+      Method("router", "dynakv", "", router),
+      Method("router-int8", "dynakv", "", with(router, "--kv-dtype", "q8")),
+      Method("router-int4", "dynakv", "", with(router, "--kv-dtype", "q4")),
+      Method("kivi2", "kivi", "", {{"--kivi-bits", "2"}}, false),
+      Method("kivi4", "kivi", "", {{"--kivi-bits", "4"}}, false),
+      Method("kivi2-h", "kivi", "", {{"--kivi-bits", "2"}, {"--hadamard", "1"}}, false),
+      Method("kivi4-h", "kivi", "", {{"--kivi-bits", "4"}, {"--hadamard", "1"}}, false),
+      Method("q8_0", "q8_0", "", {}, false),
+      Method("q4_0", "q4_0", "", {}, false),
+      Method("q8_0-h", "q8_0", "", {{"--hadamard", "1"}}, false),
+      Method("q4_0-h", "q4_0", "", {{"--hadamard", "1"}}, false),
+      Method("snapkv", "full", "snapkv", {{"--evict-keep", "{fraction}"}}),
+      Method("streamingllm", "full", "streamingllm", {{"--evict-keep", "{fraction}"}}),
+      Method("h2o", "full", "h2o", {{"--evict-keep", "{fraction}"}}),
+      Method("router+snapkv", "dynakv", "snapkv",
+             {{"--profile", "{router}"}, {"--rank-policy", "router"}, {"--kv-budget", "{root}"}, {"--evict-keep", "{root}"}},
+             true, true),
+  };
+}
+
+std::string Num(double x) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.6g", x);
+  return buf;
+}
+
+bool Registered(const std::string& name) { return name.empty() || FindKvMethod(name) != nullptr; }
+
+// Replaces every occurrence of `key` in `s`.
+std::string Fill(std::string s, const std::string& key, const std::string& value) {
+  for (size_t p = 0; (p = s.find(key, p)) != std::string::npos; p += value.size()) s.replace(p, key.size(), value);
+  return s;
+}
+
+// The router profile for a rank fraction: the one trained nearest to it (in log distance), else the
+// spec's profile (whose router, if any, meets the fraction with its budget table).
+StatusOr<std::string> RouterFor(const EvalSpec& spec, double rank_fraction) {
+  std::string best;
+  double best_d = 1e300;
+  for (const auto& [frac, path] : spec.routers) {
+    const double f = std::atof(frac.c_str());
+    if (!(f > 0.0)) return InvalidArgument("routers: '" + frac + "' is not a cache fraction");
+    const double d = std::fabs(std::log(f / rank_fraction));
+    if (d < best_d) best_d = d, best = path;
+  }
+  if (!best.empty()) return best;
+  if (spec.profile.empty()) return InvalidArgument("--profile: the router methods need a profile with a router");
+  return spec.profile;
+}
+
+Status MakeDirs(const std::string& path) {
+  for (size_t p = 1; p <= path.size(); ++p) {
+    if (p < path.size() && path[p] != '/') continue;
+    const std::string dir = path.substr(0, p);
+    if (::mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST) return IoError(dir + ": cannot create the folder");
+  }
+  return Status::Ok();
+}
+
+Status WriteJson(const std::string& path, const json& j) {
+  const std::string text = j.dump(2) + "\n";
+  return WriteFileAtomically(path, text.data(), text.size());
+}
+
+// The task's saved result when it was made with this configuration (else null).
+json Reusable(const std::string& path, const json& config) {
+  std::ifstream in(path);
+  if (!in) return nullptr;
+  json j = json::parse(in, nullptr, false);
+  if (j.is_discarded() || !j.contains("config") || j["config"] != config) return nullptr;
+  return j;
+}
+
+json RunConfigJson(const EvalRun& r) {
+  return {{"method", r.method}, {"fraction", r.fraction}, {"kv", r.config.method}, {"evict", r.config.evict},
+          {"flags", r.config.options.values()}};
+}
+
+KvModelInfo InfoOf(const Model& model, const EvalSpec& spec) {
+  return KvModelInfo{model.config().kv_shape(), model.fingerprint(), spec.model};
+}
+
+StatusOr<json> Perplexity(const Model& model, const EvalSpec& spec, const EvalRun& run,
+                          const std::vector<int32_t>& tokens, ThreadPool& pool) {
+  std::unique_ptr<KvCache> cache, reference;
+  DK_ASSIGN_OR_RETURN(cache, CreateKvCache(run.config, InfoOf(model, spec), spec.ppl_ctx));
+  DK_ASSIGN_OR_RETURN(reference, CreateKvCache(KvConfig{}, InfoOf(model, spec), spec.ppl_ctx));
+  PerplexityOptions opt{spec.ppl_ctx, spec.ppl_ctx, spec.ppl_chunks, true, spec.decode_batch};
+  PerplexityResult r;
+  DK_ASSIGN_OR_RETURN(r, ComputePerplexity(model, tokens, *cache, reference.get(), opt, pool));
+  return json{{"ppl", r.ppl}, {"ppl_err", r.ppl_err}, {"kl", r.kl_mean}, {"kl_err", r.kl_err},
+              {"top1", r.same_top1}, {"kv_fraction", r.kv_fraction}, {"kv_fraction_prompt", r.kv_fraction_prompt},
+              {"bytes_per_token", r.kv_bytes_per_token}, {"tokens_per_s", r.n_chunks * spec.ppl_ctx / r.seconds},
+              {"chunks", r.n_chunks}, {"scored", r.n_scored}, {"cache", cache->name()}};
+}
+
+StatusOr<json> Passkey(const Model& model, const EvalSpec& spec, const EvalRun& run,
+                       const std::vector<PasskeyCase>& cases, ThreadPool& pool) {
+  std::unique_ptr<KvCache> cache;
+  DK_ASSIGN_OR_RETURN(cache, CreateKvCache(run.config, InfoOf(model, spec), model.config().n_ctx_train));
+  std::vector<PasskeyResult> results;
+  DK_ASSIGN_OR_RETURN(results, RunPasskey(model, cases, spec.passkey.n_predict, *cache, pool));
+  const PasskeySummary s = SummarizePasskey(results);
+  json by_length = json::object(), by_depth = json::object(), grid = json::array();
+  for (const PasskeyBucket& b : s.by_length) by_length[std::to_string(static_cast<int>(b.value))] = b.accuracy();
+  for (const PasskeyBucket& b : s.by_depth) by_depth[Num(b.value)] = b.accuracy();
+  for (const PasskeyResult& r : results) grid.push_back({r.length, r.depth, r.correct ? 1 : 0, r.kv_fraction});
+  return json{{"accuracy", s.accuracy}, {"correct", s.correct}, {"n", s.n}, {"kv_fraction", s.mean_kv_fraction},
+              {"by_length", by_length}, {"by_depth", by_depth}, {"cases", grid}, {"cache", cache->name()}};
+}
+
+// Prefill `ctx` tokens (the text, cycled) in batches of 512, end the prompt, decode greedily.
+StatusOr<json> Speed(const Model& model, const EvalSpec& spec, const EvalRun& run, const std::vector<int32_t>& text,
+                     ThreadPool& pool) {
+  using Clock = std::chrono::steady_clock;
+  json rows = json::array();
+  for (int ctx : spec.speed_ctx) {
+    std::unique_ptr<KvCache> cache;
+    DK_ASSIGN_OR_RETURN(cache, CreateKvCache(run.config, InfoOf(model, spec), ctx + spec.speed_decode));
+    std::vector<int32_t> prompt(ctx);
+    for (int i = 0; i < ctx; ++i) prompt[i] = text[i % text.size()];
+    constexpr int kBatch = 512;
+    ForwardState st(model.config(), std::min(kBatch, ctx));
+    std::vector<float> logits(model.config().n_vocab);
+    auto t0 = Clock::now();
+    for (int b = 0; b < ctx; b += kBatch) {
+      const int n = std::min(kBatch, ctx - b);
+      DK_RETURN_IF_ERROR(model.Forward(prompt.data() + b, n, *cache, st, logits.data(), false, pool));
+    }
+    DK_RETURN_IF_ERROR(cache->EndPrompt(pool));
+    const double prefill = std::chrono::duration<double>(Clock::now() - t0).count();
+    const size_t bytes_prompt = cache->BytesUsed();
+    t0 = Clock::now();
+    for (int i = 0; i < spec.speed_decode; ++i) {
+      const int32_t tok = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+      DK_RETURN_IF_ERROR(model.Forward(&tok, 1, *cache, st, logits.data(), false, pool));
+    }
+    const double decode = std::chrono::duration<double>(Clock::now() - t0).count();
+    const double full = static_cast<double>(Fp16FullBytesPerToken(model.config().kv_shape()));
+    rows.push_back({{"ctx", ctx}, {"prefill_tokens_per_s", ctx / prefill}, {"decode_tokens_per_s", spec.speed_decode / decode},
+                    {"kv_bytes", bytes_prompt}, {"kv_fraction", bytes_prompt / (full * ctx)},
+                    {"kv_bytes_reserved", cache->BytesReserved()}});
+  }
+  return json{{"contexts", rows}};
+}
+
+}  // namespace
+
+StatusOr<EvalMethod> PresetMethod(const std::string& name) {
+  for (const EvalMethod& m : Presets()) {
+    if (m.name != name) continue;
+    if (!Registered(m.kv) || !Registered(m.evict))
+      return Unimplemented("--methods: '" + name + "' needs the cache method '" + (Registered(m.kv) ? m.evict : m.kv) +
+                           "', which this build does not have");
+    return m;
+  }
+  std::string known;
+  for (const std::string& n : PresetMethodNames()) known += (known.empty() ? "" : ", ") + n;
+  return InvalidArgument("--methods: unknown method '" + name + "' (known: " + known + ")");
+}
+
+std::vector<std::string> PresetMethodNames() {
+  std::vector<std::string> names;
+  for (const EvalMethod& m : Presets())
+    if (Registered(m.kv) && Registered(m.evict)) names.push_back(m.name);
+  return names;
+}
+
+StatusOr<EvalSpec> EvalSpecFromJson(const json& j) {
+  EvalSpec s;
+  try {
+    s.name = j.value("name", std::string());
+    s.model = j.value("model", std::string());
+    s.text = j.value("text", std::string());
+    s.profile = j.value("profile", std::string());
+    if (j.contains("routers")) s.routers = j["routers"].get<std::map<std::string, std::string>>();
+    if (j.contains("fractions")) s.fractions = j["fractions"].get<std::vector<double>>();
+    if (j.contains("tasks")) s.tasks = j["tasks"].get<std::vector<std::string>>();
+    s.ppl_ctx = j.value("ppl_ctx", s.ppl_ctx);
+    s.ppl_chunks = j.value("ppl_chunks", s.ppl_chunks);
+    s.decode_batch = j.value("decode_batch", s.decode_batch);
+    if (j.contains("passkey")) {
+      const json& p = j["passkey"];
+      if (p.contains("lengths")) s.passkey.lengths = p["lengths"].get<std::vector<int>>();
+      if (p.contains("depths")) s.passkey.depths = p["depths"].get<std::vector<double>>();
+      s.passkey.per_cell = p.value("per_cell", s.passkey.per_cell);
+      s.passkey.seed = p.value("seed", s.passkey.seed);
+      s.passkey.n_predict = p.value("n_predict", s.passkey.n_predict);
+    }
+    if (j.contains("speed_ctx")) s.speed_ctx = j["speed_ctx"].get<std::vector<int>>();
+    if (j.contains("speed_fractions")) s.speed_fractions = j["speed_fractions"].get<std::vector<double>>();
+    s.speed_decode = j.value("speed_decode", s.speed_decode);
+    for (const json& m : j.value("methods", json::array())) {
+      if (m.is_string()) {
+        EvalMethod preset;
+        DK_ASSIGN_OR_RETURN(preset, PresetMethod(m.get<std::string>()));
+        s.methods.push_back(preset);
+        continue;
+      }
+      EvalMethod e;
+      e.name = m.at("name").get<std::string>();
+      e.kv = m.value("kv", e.kv);
+      e.evict = m.value("evict", std::string());
+      if (m.contains("flags")) e.flags = m["flags"].get<std::map<std::string, std::string>>();
+      e.per_fraction = m.value("per_fraction", true);
+      e.rank_at_root = m.value("rank_at_root", false);
+      s.methods.push_back(e);
+    }
+  } catch (const json::exception& e) {
+    return InvalidArgument(std::string("evaluation config: ") + e.what());
+  }
+  if (s.name.empty() || s.name.find('/') != std::string::npos || s.name[0] == '.')
+    return InvalidArgument("evaluation config: 'name' must be a plain folder name, found '" + s.name + "'");
+  if (s.model.empty() || s.text.empty()) return InvalidArgument("evaluation config: 'model' and 'text' are required");
+  if (s.methods.empty()) return InvalidArgument("evaluation config: no methods");
+  for (const std::string& t : s.tasks)
+    if (t != "perplexity" && t != "passkey" && t != "speed")
+      return InvalidArgument("--tasks: unknown task '" + t + "' (perplexity, passkey, speed)");
+  for (double f : s.fractions)
+    if (!(f > 0.0 && f <= 1.0)) return InvalidArgument("--fractions: " + Num(f) + " is not in (0, 1]");
+  if (s.ppl_ctx < 4 || s.ppl_chunks < 1 || s.decode_batch < 1 || s.speed_decode < 1)
+    return InvalidArgument("evaluation config: ppl_ctx, ppl_chunks, decode_batch and speed_decode must be positive");
+  for (int c : s.speed_ctx)
+    if (c < 1 || c > (1 << 22)) return InvalidArgument("--speed-ctx: " + std::to_string(c) + " is out of range");
+  DK_RETURN_IF_ERROR(ValidatePasskeyOptions(s.passkey));
+  return s;
+}
+
+json EvalSpecToJson(const EvalSpec& s) {
+  json methods = json::array();
+  for (const EvalMethod& m : s.methods)
+    methods.push_back({{"name", m.name}, {"kv", m.kv}, {"evict", m.evict}, {"flags", m.flags},
+                       {"per_fraction", m.per_fraction}, {"rank_at_root", m.rank_at_root}});
+  return json{{"name", s.name}, {"model", s.model}, {"text", s.text}, {"profile", s.profile}, {"routers", s.routers},
+              {"fractions", s.fractions}, {"methods", methods}, {"tasks", s.tasks}, {"ppl_ctx", s.ppl_ctx},
+              {"ppl_chunks", s.ppl_chunks}, {"decode_batch", s.decode_batch},
+              {"passkey", {{"lengths", s.passkey.lengths}, {"depths", s.passkey.depths},
+                           {"per_cell", s.passkey.per_cell}, {"seed", s.passkey.seed},
+                           {"n_predict", s.passkey.n_predict}}},
+              {"speed_ctx", s.speed_ctx}, {"speed_fractions", s.speed_fractions}, {"speed_decode", s.speed_decode}};
+}
+
+StatusOr<std::vector<EvalRun>> ExpandRuns(const EvalSpec& spec) {
+  std::vector<EvalRun> runs;
+  for (const EvalMethod& m : spec.methods) {
+    const std::vector<double> fractions = m.per_fraction ? spec.fractions : std::vector<double>{-1.0};
+    for (double f : fractions) {
+      EvalRun r;
+      r.method = m.name;
+      r.fraction = f;
+      r.folder = m.per_fraction ? m.name + "@" + Num(f) : m.name;
+      r.config.method = m.kv;
+      r.config.evict = m.evict;
+      for (const auto& [flag, raw] : m.flags) {
+        std::string v = raw;
+        if (v.find("{fraction}") != std::string::npos || v.find("{root}") != std::string::npos) {
+          if (!m.per_fraction)
+            return InvalidArgument("method '" + m.name + "': " + flag + " uses a fraction, but the method has a fixed size");
+          v = Fill(Fill(v, "{fraction}", Num(f)), "{root}", Num(std::sqrt(f)));
+        }
+        if (v.find("{profile}") != std::string::npos) {
+          if (spec.profile.empty()) return InvalidArgument("--profile: method '" + m.name + "' needs a profile");
+          v = Fill(v, "{profile}", spec.profile);
+        }
+        if (v.find("{router}") != std::string::npos) {
+          std::string path;
+          DK_ASSIGN_OR_RETURN(path, RouterFor(spec, m.rank_at_root ? std::sqrt(f) : f));
+          v = Fill(v, "{router}", path);
+        }
+        r.config.Set(flag, v);
+      }
+      DK_RETURN_IF_ERROR(ValidateKvConfig(r.config).WithContext("method '" + m.name + "'"));
+      runs.push_back(std::move(r));
+    }
+  }
+  return runs;
+}
+
+StatusOr<json> RunEvaluation(const Model& model, const EvalSpec& spec, const std::string& root, bool force,
+                             ThreadPool& pool, const EvalProgress& progress) {
+  std::vector<EvalRun> runs;
+  DK_ASSIGN_OR_RETURN(runs, ExpandRuns(spec));
+  const std::string dir = root + "/" + spec.name;
+  DK_RETURN_IF_ERROR(MakeDirs(dir + "/runs"));
+  DK_RETURN_IF_ERROR(WriteJson(dir + "/config.json", EvalSpecToJson(spec)));
+  std::string text;
+  DK_ASSIGN_OR_RETURN(text, ReadWholeFile(spec.text));
+  const std::vector<int32_t> tokens = model.tokenizer().Encode(text, true);
+  auto wants = [&](const char* task) { return std::find(spec.tasks.begin(), spec.tasks.end(), task) != spec.tasks.end(); };
+  std::vector<PasskeyCase> cases;
+  if (wants("passkey")) {
+    DK_ASSIGN_OR_RETURN(cases, MakePasskeyCases(text, spec.passkey, &model.tokenizer(),
+                                                model.config().n_ctx_train - spec.passkey.n_predict + 1));
+  }
+  int total = 0, done = 0;
+  for (const EvalRun& r : runs)
+    for (const std::string& t : spec.tasks)
+      total += t != "speed" || r.fraction < 0 ||
+               std::count(spec.speed_fractions.begin(), spec.speed_fractions.end(), r.fraction) > 0;
+  json rows = json::array();
+  for (const EvalRun& r : runs) {
+    const std::string run_dir = dir + "/runs/" + r.folder;
+    DK_RETURN_IF_ERROR(MakeDirs(run_dir));
+    json row = RunConfigJson(r);
+    row["folder"] = r.folder;
+    for (const std::string& task : spec.tasks) {
+      if (task == "speed" && r.fraction >= 0 &&
+          std::count(spec.speed_fractions.begin(), spec.speed_fractions.end(), r.fraction) == 0)
+        continue;
+      json config = RunConfigJson(r);
+      json all = EvalSpecToJson(spec);
+      config["task"] = task;
+      config["model"] = spec.model;
+      config["text"] = spec.text;
+      if (task == "perplexity") config["settings"] = {all["ppl_ctx"], all["ppl_chunks"], all["decode_batch"]};
+      if (task == "passkey") config["settings"] = all["passkey"];
+      if (task == "speed") config["settings"] = {all["speed_ctx"], all["speed_decode"]};
+      const std::string file = run_dir + "/" + task + ".json";
+      if (progress) progress(done, total, r.folder + " " + task);
+      json result = force ? json(nullptr) : Reusable(file, config);
+      if (result.is_null()) {
+        const auto t0 = std::chrono::steady_clock::now();
+        StatusOr<json> out = task == "perplexity" ? Perplexity(model, spec, r, tokens, pool)
+                             : task == "passkey"  ? Passkey(model, spec, r, cases, pool)
+                                                  : Speed(model, spec, r, tokens, pool);
+        if (!out.ok()) return out.status().WithContext(r.folder + " " + task);
+        result = {{"config", config}, {"result", *out},
+                  {"seconds", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()}};
+        DK_RETURN_IF_ERROR(WriteJson(file, result));
+      }
+      row[task] = result["result"];
+      ++done;
+    }
+    rows.push_back(row);
+  }
+  if (progress) progress(done, total, "done");
+  json summary = {{"spec", EvalSpecToJson(spec)}, {"rows", rows}};
+  DK_RETURN_IF_ERROR(WriteJson(dir + "/summary.json", summary));
+  return summary;
+}
+
+}  // namespace dk
