@@ -350,6 +350,49 @@ TEST(GgufTensors, Q4_0MatchesScalarReference) {
   EXPECT_EQ(ReadF32(*o.file.value(), "q"), want);
 }
 
+// The q8_0 / q4_0 kernels take 2-byte aligned blocks; with general.alignment = 1 the reader copies
+// odd-addressed data through an aligned buffer of 64 blocks, so 70 blocks cross a chunk boundary.
+TEST(GgufTensors, Q8_0AndQ4_0AtOddAddressWithAlignmentOne) {
+  std::mt19937 rng(4);
+  const int kBlocks = 70;
+  std::vector<uint8_t> q8, q4;
+  std::vector<float> want8, want4(kBlocks * 32);
+  for (int b = 0; b < kBlocks; ++b) {
+    const uint16_t d8 = RandomHalfBits(rng), d4 = RandomHalfBits(rng);
+    PutU16(&q8, d8);
+    PutU16(&q4, d4);
+    for (int j = 0; j < 32; ++j) {
+      const int q = static_cast<int>(rng() % 256) - 128;
+      q8.push_back(static_cast<uint8_t>(static_cast<int8_t>(q)));
+      want8.push_back(static_cast<float>(q * HalfRef(d8)));
+    }
+    for (int j = 0; j < 16; ++j) {
+      const int lo = static_cast<int>(rng() % 16), hi = static_cast<int>(rng() % 16);
+      q4.push_back(static_cast<uint8_t>(lo | (hi << 4)));
+      want4[b * 32 + j] = static_cast<float>((lo - 8) * HalfRef(d4));
+      want4[b * 32 + j + 16] = static_cast<float>((hi - 8) * HalfRef(d4));
+    }
+  }
+  auto build = [&](uint64_t pad_bytes, GgufLayout* lay) {
+    GgufWriter w;
+    w.SetAlignment(1);
+    w.AddTensorRaw("pad", {pad_bytes}, static_cast<uint32_t>(GgmlType::kI8), std::vector<uint8_t>(pad_bytes));
+    w.AddTensorRaw("q8", {kBlocks * 32}, static_cast<uint32_t>(GgmlType::kQ8_0), q8);  // 70 * 34 bytes: q4 is odd too
+    w.AddTensorRaw("q4", {kBlocks * 32}, static_cast<uint32_t>(GgmlType::kQ4_0), q4);
+    return w.Build(lay);
+  };
+  GgufLayout lay;
+  std::vector<uint8_t> bytes = build(1, &lay);
+  if (lay.tensor_data[1] % 2 == 0) bytes = build(2, &lay);  // same header size, data shifted by one
+  ASSERT_EQ(lay.tensor_data[1] % 2, 1u);
+  Opened o = OpenBytes(bytes);
+  ASSERT_TRUE(o.file.ok()) << o.file.status().ToString();
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(o.file.value()->FindTensor("q8")->data) % 2, 1u);
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(o.file.value()->FindTensor("q4")->data) % 2, 1u);
+  EXPECT_EQ(ReadF32(*o.file.value(), "q8"), want8);
+  EXPECT_EQ(ReadF32(*o.file.value(), "q4"), want4);
+}
+
 // Packs 8 six-bit scales and mins into ggml's 12-byte K-quant layout (inverse of get_scale_min_k4):
 // bytes 0..3: scale j (low 6) | top 2 bits of scale j+4; bytes 4..7: min j | top 2 bits of min j+4;
 // bytes 8..11: low nibble of scale j+4 | low nibble of min j+4 << 4.

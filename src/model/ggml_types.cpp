@@ -1,8 +1,10 @@
 #include "model/ggml_types.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "core/fp16.h"
+#include "ops/quant.h"
 
 namespace dk {
 namespace {
@@ -36,8 +38,6 @@ constexpr TypeEntry kTypes[] = {
     {30, {"bf16", 1, 2, true}},
 };
 
-constexpr int kQK8_0 = 32;
-constexpr int kQK4_0 = 32;
 constexpr int kQK_K = 256;
 
 uint16_t LoadU16(const uint8_t* p) {
@@ -46,22 +46,22 @@ uint16_t LoadU16(const uint8_t* p) {
   return v;
 }
 
-void DequantizeQ8_0(const uint8_t* src, float* dst, int64_t nblocks) {
-  for (int64_t b = 0; b < nblocks; ++b, src += 34, dst += kQK8_0) {
-    const float d = Fp16ToFp32(LoadU16(src));
-    for (int j = 0; j < kQK8_0; ++j) dst[j] = static_cast<float>(static_cast<int8_t>(src[2 + j])) * d;
+// The q8_0 / q4_0 kernels live in ops/quant.h and take typed (2-byte aligned) blocks. A file with
+// general.alignment = 1 can put a tensor at an odd address, so such data is copied through an
+// aligned buffer a chunk of blocks at a time.
+template <typename Block>
+void DequantizeBlocks(const uint8_t* src, float* dst, int64_t nblocks,
+                      void (*dequantize)(const Block*, float*, int64_t)) {
+  if (reinterpret_cast<uintptr_t>(src) % alignof(Block) == 0) {
+    dequantize(reinterpret_cast<const Block*>(src), dst, nblocks * kQuantBlock);
+    return;
   }
-}
-
-// Low nibbles are elements 0..15, high nibbles 16..31; value = (q - 8) * d.
-void DequantizeQ4_0(const uint8_t* src, float* dst, int64_t nblocks) {
-  for (int64_t b = 0; b < nblocks; ++b, src += 18, dst += kQK4_0) {
-    const float d = Fp16ToFp32(LoadU16(src));
-    const uint8_t* qs = src + 2;
-    for (int j = 0; j < kQK4_0 / 2; ++j) {
-      dst[j] = static_cast<float>((qs[j] & 0x0F) - 8) * d;
-      dst[j + kQK4_0 / 2] = static_cast<float>((qs[j] >> 4) - 8) * d;
-    }
+  constexpr int64_t kChunk = 64;
+  Block buf[kChunk];
+  for (int64_t b = 0; b < nblocks; b += kChunk) {
+    const int64_t m = std::min(kChunk, nblocks - b);
+    std::memcpy(buf, src + b * static_cast<int64_t>(sizeof(Block)), static_cast<size_t>(m) * sizeof(Block));
+    dequantize(buf, dst + b * kQuantBlock, m * kQuantBlock);
   }
 }
 
@@ -148,8 +148,8 @@ Status DequantizeRow(GgmlType type, const void* src, float* dst, int64_t n) {
     case GgmlType::kBF16:
       for (int64_t i = 0; i < n; ++i) dst[i] = Bf16ToFp32(LoadU16(p + 2 * i));
       break;
-    case GgmlType::kQ8_0: DequantizeQ8_0(p, dst, nblocks); break;
-    case GgmlType::kQ4_0: DequantizeQ4_0(p, dst, nblocks); break;
+    case GgmlType::kQ8_0: DequantizeBlocks<BlockQ8_0>(p, dst, nblocks, DequantizeRowQ8_0); break;
+    case GgmlType::kQ4_0: DequantizeBlocks<BlockQ4_0>(p, dst, nblocks, DequantizeRowQ4_0); break;
     case GgmlType::kQ4_K: DequantizeQ4_K(p, dst, nblocks); break;
     default: return Internal("DequantizeRow: no kernel for " + TypeName(id));
   }
