@@ -247,7 +247,18 @@ void WriteAll(DynaKvCache& cache, const KvRows& rows) {
 
 // Bytes the layout says the cache holds (docs/kv_layout.md): per layer,
 // sum_t (r_K + r_V) * elem + n * 2 * meta_width + ceil(n / B) * 4.
-size_t LayoutBytes(const DynaKvCache& c, int elem_bytes) {
+// docs/kv_layout.md's byte count, written out: f16/f32 latents take 2 or 4 bytes a number; int8 /
+// int4 latents an fp16 scale per group (one group per latent when group = 0), then one byte (int8)
+// or half a byte (int4, rounded up) a number, the whole padded to an even count.
+size_t LatentBytes(const LatentFormat& f, int r) {
+  if (f.type == LatentFormat::kF16) return 2 * r;
+  if (f.type == LatentFormat::kF32) return 4 * r;
+  const int groups = f.group > 0 ? (r + f.group - 1) / f.group : 1;
+  const size_t b = 2 * groups + (f.type == LatentFormat::kQ8 ? r : (r + 1) / 2);
+  return b + (b % 2);
+}
+
+size_t LayoutBytes(const DynaKvCache& c) {
   const int B = DynaKvCache::kIndexEvery;
   const int meta_width = c.shape().kv_dim() <= 256 ? 1 : 2;
   size_t bytes = 0;
@@ -255,7 +266,7 @@ size_t LayoutBytes(const DynaKvCache& c, int elem_bytes) {
     const int n = c.Stored(l);
     for (int t = 0; t < n; ++t) {
       const TokenRanks r = c.Ranks(l, t);
-      bytes += static_cast<size_t>(r.r_k + r.r_v) * elem_bytes;
+      bytes += LatentBytes(c.format(), r.r_k) + LatentBytes(c.format(), r.r_v);
     }
     bytes += static_cast<size_t>(n) * 2 * meta_width + static_cast<size_t>((n + B - 1) / B) * 4;
   }
@@ -331,24 +342,33 @@ TEST(DynaKv, FullRankF32MatchesFullCacheLogits) {
 struct AttnCase {
   const char* dtype;
   int first, n, threads;
+  int group = 0;
 };
+
+LatentFormat Format(const std::string& dtype, int group = 0) {
+  auto f = ParseLatentFormat(dtype, group);
+  EXPECT_TRUE(f.ok()) << f.status().ToString();
+  return *f;
+}
 
 TEST(DynaKv, LatentAttentionMatchesReconstructReference) {
   const KvShape s = TheModel().config().kv_shape();
   const int D = s.kv_dim(), d = s.head_dim, Hq = s.n_head;
   const DynaKvProfile prof = RandomProfile(11);
   std::vector<AttnCase> cases;
-  for (const char* dt : {"f16", "f32"})
+  for (const char* dt : {"f16", "f32", "q8", "q4"})
     for (int n : {1, 3, 17, 64})
       for (int first : {1, 70, 129}) cases.push_back({dt, first, n, n == 1 ? 3 : 2});
   cases.push_back({"f16", 0, 17, 1});
   cases.push_back({"f16", 200, 1, 1});
+  cases.push_back({"q4", 70, 1, 2, 32});   // grouped scales: latents longer than a group
+  cases.push_back({"q8", 129, 17, 2, 7});  // and groups that do not divide the rank
   uint32_t seed = 100;
   for (const AttnCase& c : cases) {
-    SCOPED_TRACE(std::string(c.dtype) + " first=" + std::to_string(c.first) + " n=" + std::to_string(c.n) +
-                 " threads=" + std::to_string(c.threads));
-    const KvDtype dt = std::string(c.dtype) == "f16" ? KvDtype::kF16 : KvDtype::kF32;
-    DynaKvCache cache(s, c.first + c.n, dt, std::make_shared<const DynaKvProfile>(prof), std::make_unique<RandomRankPolicy>(D, seed++));
+    SCOPED_TRACE(std::string(c.dtype) + " group=" + std::to_string(c.group) + " first=" + std::to_string(c.first) +
+                 " n=" + std::to_string(c.n) + " threads=" + std::to_string(c.threads));
+    DynaKvCache cache(s, c.first + c.n, Format(c.dtype, c.group), std::make_shared<const DynaKvProfile>(prof),
+                      std::make_unique<RandomRankPolicy>(D, seed++));
     ThreadPool pool(c.threads);
     std::mt19937 rng(seed++);
     const std::vector<int> layers = {0, 2, 5};
@@ -405,14 +425,16 @@ TEST(DynaKv, LatentAttentionMatchesReconstructReference) {
 
 TEST(DynaKv, BytesUsedFollowsTheLayout) {
   const KvShape s = TheModel().config().kv_shape();
-  for (const KvDtype dt : {KvDtype::kF16, KvDtype::kF32}) {
-    DynaKvCache cache(s, 300, dt, std::make_shared<const DynaKvProfile>(RandomProfile(3)), std::make_unique<RandomRankPolicy>(s.kv_dim(), 5));
+  for (const LatentFormat& f : {Format("f16"), Format("f32"), Format("q8"), Format("q4"), Format("q4", 32),
+                                 Format("q8", 5)}) {
+    SCOPED_TRACE(f.Name());
+    DynaKvCache cache(s, 300, f, std::make_shared<const DynaKvProfile>(RandomProfile(3)),
+                      std::make_unique<RandomRankPolicy>(s.kv_dim(), 5));
     EXPECT_EQ(cache.BytesUsed(), 0u);
     WriteBatch(cache, EvalRows(), 0, 130);
     WriteBatch(cache, EvalRows(), 130, 1);
     WriteBatch(cache, EvalRows(), 131, 69);
-    const int elem = dt == KvDtype::kF16 ? 2 : 4;
-    EXPECT_EQ(cache.BytesUsed(), LayoutBytes(cache, elem));
+    EXPECT_EQ(cache.BytesUsed(), LayoutBytes(cache));
     EXPECT_GE(cache.BytesReserved(), cache.BytesUsed());
     // Records are stored exactly: reconstruction from them equals U[:, :r] c + mu of the input.
     cache.Clear();
@@ -423,9 +445,9 @@ TEST(DynaKv, BytesUsedFollowsTheLayout) {
   ASSERT_NE(u, nullptr);
   WriteBatch(*u, EvalRows(), 0, 200);
   EXPECT_EQ(u->BytesUsed(), static_cast<size_t>(s.n_layer) * (200 * (48 * 2 + 2) + 4 * 4));
-  // Reserved: exactly the capacity's records (+ the arena's spare elements), metadata and index.
+  // Reserved: exactly the capacity's records (+ the arena's spare bytes), metadata and index.
   EXPECT_EQ(u->BytesReserved(),
-            static_cast<size_t>(s.n_layer) * (256 * (48 * 2 + 2) + DynaKvCache::kArenaSlack * 2 + 4 * 4));
+            static_cast<size_t>(s.n_layer) * (256 * (48 * 2 + 2) + DynaKvCache::kArenaSlack + 4 * 4));
 }
 
 TEST(DynaKv, BudgetFractionWithinTwoPercent) {
@@ -439,7 +461,7 @@ TEST(DynaKv, BudgetFractionWithinTwoPercent) {
       WriteAll(*cache, rows);
       const double frac = Fraction(*cache);
       EXPECT_NEAR(frac, budget, 0.02 * budget) << "measured fraction " << frac;
-      EXPECT_EQ(cache->BytesUsed(), LayoutBytes(*cache, 2));
+      EXPECT_EQ(cache->BytesUsed(), LayoutBytes(*cache));
       // More budget never gives a worse reconstruction.
       const double err = ReconstructionError(*cache, rows);
       EXPECT_LE(err, prev_error) << "relative reconstruction error " << err;
@@ -545,7 +567,8 @@ TEST(DynaKv, FactoryErrorsNameTheFlag) {
   EXPECT_THAT(CreateError(Config("energy", -1, -1, 1e-4), p), HasSubstr("--kv-budget"));
   EXPECT_THAT(CreateError(Config("energy", -1, -1, 1.5), p), HasSubstr("--kv-budget"));
   EXPECT_THAT(CreateError(Config("router", -1, -1, 0.25), p), HasSubstr("--rank-policy"));
-  EXPECT_THAT(CreateError(Config("uniform", 8, -1, -1, "q8"), p), HasSubstr("--kv-dtype"));
+  EXPECT_THAT(CreateError(Config("uniform", 8, -1, -1, "q3"), p), HasSubstr("--kv-dtype"));
+  EXPECT_THAT(CreateError(Config("uniform", 8, -1, -1).Set("--latent-group", "8"), p), HasSubstr("--latent-group"));
   EXPECT_THAT(CreateKvCache(Config("uniform", 8, -1, -1).Set("--sinks", "4"), Info(), 64).status().message(),
               HasSubstr("--sinks"));
   DynaKvProfile other = p;

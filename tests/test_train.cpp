@@ -442,7 +442,9 @@ TEST(TrainRouter, ResumedRunEqualsUninterrupted) {
 }
 
 // The router is trained at a target, calibrated on training sequences, and measured on held-out
-// text: its argmax lands within 2 % of the target, and --kv-budget meets another fraction.
+// text: its argmax lands within 2 % of the target, and --kv-budget meets another fraction as
+// closely (both are offsets calibrated on training text, with no feedback from the text at hand:
+// rank_policy_router.cpp says why).
 TEST(TrainRouter, MeetsItsTargetOnHeldOutText) {
   ThreadPool pool(2);
   SetBlasThreads(2);
@@ -472,7 +474,7 @@ TEST(TrainRouter, MeetsItsTargetOnHeldOutText) {
     auto ppl = ComputePerplexity(TheModel(), held_out, **cache, nullptr, po, pool);
     ASSERT_TRUE(ppl.ok()) << ppl.status().ToString();
     const double want = budget > 0 ? budget : o.target;
-    EXPECT_NEAR(ppl->kv_fraction, want, (budget > 0 ? 0.01 : 0.02) * want) << "budget " << budget;
+    EXPECT_NEAR(ppl->kv_fraction, want, 0.02 * want) << "budget " << budget;
   }
 }
 

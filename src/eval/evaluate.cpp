@@ -21,8 +21,9 @@ namespace {
 using json = nlohmann::json;
 
 EvalMethod Method(std::string name, std::string kv, std::string evict, std::map<std::string, std::string> flags,
-                  bool per_fraction = true, bool rank_at_root = false) {
-  return EvalMethod{std::move(name), std::move(kv), std::move(evict), std::move(flags), per_fraction, rank_at_root};
+                  bool per_fraction = true, bool rank_at_root = false, double rank_scale = 1.0) {
+  return EvalMethod{std::move(name), std::move(kv), std::move(evict), std::move(flags), per_fraction, rank_at_root,
+                    rank_scale};
 }
 
 std::vector<EvalMethod> Presets() {
@@ -37,8 +38,10 @@ std::vector<EvalMethod> Presets() {
       Method("uniform", "dynakv", "", {{"--profile", "{profile}"}, {"--rank-policy", "uniform"}, {"--kv-budget", "{fraction}"}}),
       Method("energy", "dynakv", "", {{"--profile", "{profile}"}, {"--rank-policy", "energy"}, {"--kv-budget", "{fraction}"}}),
       Method("router", "dynakv", "", router),
-      Method("router-int8", "dynakv", "", with(router, "--kv-dtype", "q8")),
-      Method("router-int4", "dynakv", "", with(router, "--kv-dtype", "q4")),
+      // Quantized latents hold about 2x (int8) and 4x (int4) the numbers of fp16 ones in the same
+      // bytes: the router trained nearest that rank fraction is used.
+      Method("router-int8", "dynakv", "", with(router, "--kv-dtype", "q8"), true, false, 2.0),
+      Method("router-int4", "dynakv", "", with(router, "--kv-dtype", "q4"), true, false, 4.0),
       Method("kivi2", "kivi", "", {{"--kivi-bits", "2"}}, false),
       Method("kivi4", "kivi", "", {{"--kivi-bits", "4"}}, false),
       Method("kivi2-h", "kivi", "", {{"--kivi-bits", "2"}, {"--hadamard", "1"}}, false),
@@ -242,6 +245,7 @@ StatusOr<EvalSpec> EvalSpecFromJson(const json& j) {
       if (m.contains("flags")) e.flags = m["flags"].get<std::map<std::string, std::string>>();
       e.per_fraction = m.value("per_fraction", true);
       e.rank_at_root = m.value("rank_at_root", false);
+      e.rank_scale = m.value("rank_scale", 1.0);
       s.methods.push_back(e);
     }
   } catch (const json::exception& e) {
@@ -268,7 +272,8 @@ json EvalSpecToJson(const EvalSpec& s) {
   json methods = json::array();
   for (const EvalMethod& m : s.methods)
     methods.push_back({{"name", m.name}, {"kv", m.kv}, {"evict", m.evict}, {"flags", m.flags},
-                       {"per_fraction", m.per_fraction}, {"rank_at_root", m.rank_at_root}});
+                       {"per_fraction", m.per_fraction}, {"rank_at_root", m.rank_at_root},
+                       {"rank_scale", m.rank_scale}});
   return json{{"name", s.name}, {"model", s.model}, {"text", s.text}, {"profile", s.profile}, {"routers", s.routers},
               {"fractions", s.fractions}, {"methods", methods}, {"tasks", s.tasks}, {"ppl_ctx", s.ppl_ctx},
               {"ppl_chunks", s.ppl_chunks}, {"decode_batch", s.decode_batch},
@@ -302,7 +307,7 @@ StatusOr<std::vector<EvalRun>> ExpandRuns(const EvalSpec& spec) {
         }
         if (v.find("{router}") != std::string::npos) {
           std::string path;
-          DK_ASSIGN_OR_RETURN(path, RouterFor(spec, m.rank_at_root ? std::sqrt(f) : f));
+          DK_ASSIGN_OR_RETURN(path, RouterFor(spec, std::min(1.0, m.rank_scale * (m.rank_at_root ? std::sqrt(f) : f))));
           v = Fill(v, "{router}", path);
         }
         r.config.Set(flag, v);

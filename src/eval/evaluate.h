@@ -39,6 +39,7 @@ struct EvalMethod {
   std::map<std::string, std::string> flags;
   bool per_fraction = true;       // false: one run at the method's own size (quantized caches)
   bool rank_at_root = false;      // {router} is chosen for the square root of the fraction (splits)
+  double rank_scale = 1.0;        // {router} is chosen for this many times the fraction (int8 latents: 2)
 };
 
 struct EvalSpec {

@@ -16,6 +16,7 @@
 #include "core/fp16.h"
 #include "core/threads.h"
 #include "ops/ops.h"
+#include "ops/quant.h"
 #include "ops/simd.h"
 
 namespace dk {
@@ -37,35 +38,71 @@ void EncodeRows(const float* x, const BasisSet& b, int n, int D, float* xc, floa
 
 }  // namespace
 
-RecordCost DynaKvCache::CostFor(int kv_dim, KvDtype dtype) {
+int64_t LatentFormat::Bytes(int r) const {
+  switch (type) {
+    case kF16: return 2 * static_cast<int64_t>(r);
+    case kF32: return 4 * static_cast<int64_t>(r);
+    default: {
+      const int64_t b = static_cast<int64_t>(SymLatentBytes(r, bits(), GroupSize(r)));
+      return (b + 1) & ~int64_t{1};  // even: the next latent's fp16 scales stay aligned
+    }
+  }
+}
+
+std::string LatentFormat::Name() const {
+  static const char* names[] = {"f16", "f32", "q8", "q4"};
+  return std::string(names[type]) + (quantized() && group > 0 ? "g" + std::to_string(group) : "");
+}
+
+StatusOr<LatentFormat> ParseLatentFormat(const std::string& dtype, int group) {
+  LatentFormat f;
+  if (dtype == "f16") f.type = LatentFormat::kF16;
+  else if (dtype == "f32") f.type = LatentFormat::kF32;
+  else if (dtype == "q8") f.type = LatentFormat::kQ8;
+  else if (dtype == "q4") f.type = LatentFormat::kQ4;
+  else return InvalidArgument("--kv-dtype: dynakv stores latents as f16, f32, q8 or q4, found '" + dtype + "'");
+  if (group < 0) return InvalidArgument("--latent-group: expected a group size >= 0, found " + std::to_string(group));
+  if (group > 0 && !f.quantized())
+    return InvalidArgument("--latent-group: only quantized latents (--kv-dtype q8 or q4) have groups");
+  f.group = group;
+  return f;
+}
+
+RecordCost DynaKvCache::CostFor(int kv_dim, LatentFormat format) {
   RecordCost c;
-  c.elem_bytes = dtype == KvDtype::kF16 ? 2 : 4;
   c.meta_bytes = 2 * (kv_dim <= 256 ? 1 : 2);
   c.index_bytes_per_token = static_cast<double>(sizeof(uint32_t)) / kIndexEvery;
+  switch (format.type) {
+    case LatentFormat::kF16: c.elem_bytes = 2; break;
+    case LatentFormat::kF32: c.elem_bytes = 4; break;
+    default:
+      // Codes; an fp16 scale per group (or per latent); the padding to an even size averages half
+      // a byte per latent (plus half a byte of int4 rounding).
+      c.elem_bytes = format.bits() / 8.0 + (format.group > 0 ? 2.0 / format.group : 0.0);
+      c.meta_bytes += 2 * ((format.group > 0 ? 1.0 : 2.0) + (format.type == LatentFormat::kQ4 ? 1.0 : 0.5));
+  }
   return c;
 }
 
-DynaKvCache::DynaKvCache(const KvShape& shape, int capacity, KvDtype dtype,
+DynaKvCache::DynaKvCache(const KvShape& shape, int capacity, LatentFormat format,
                          std::shared_ptr<const DynaKvProfile> profile, std::unique_ptr<RankPolicy> policy)
     : KvCache(shape, capacity),
-      dtype_(dtype),
+      format_(format),
       profile_(std::move(profile)),
       policy_(std::move(policy)),
       meta_width_(shape.kv_dim() <= 256 ? 1 : 2),
-      cost_(CostFor(shape.kv_dim(), dtype)),
+      cost_(CostFor(shape.kv_dim(), format)),
       layers_(shape.n_layer) {
   // First reservation: what the policy expects (exact for uniform); the arena grows if needed.
   const double expect = std::clamp(policy_->ExpectedElemsPerToken(), 2.0, 2.0 * D());
   for (LayerStore& s : layers_) {
     s.meta.assign(static_cast<size_t>(capacity) * 2 * meta_width_, 0);
     s.index.assign(static_cast<size_t>(CeilDiv(capacity, kIndexEvery)), 0);
-    Grow(s, static_cast<int64_t>(std::ceil(expect * capacity)));
+    Grow(s, static_cast<int64_t>(std::ceil(expect / 2 * capacity)) * 2 * format_.Bytes(1));
   }
 }
 
-std::string DynaKvCache::name() const {
-  return "dynakv-" + policy_->name() + (dtype_ == KvDtype::kF16 ? "-f16" : "-f32");
-}
+std::string DynaKvCache::name() const { return "dynakv-" + policy_->name() + "-" + format_.Name(); }
 
 void DynaKvCache::OnClear() {
   for (LayerStore& s : layers_) {
@@ -78,7 +115,7 @@ void DynaKvCache::OnClear() {
 size_t DynaKvCache::BytesUsed() const {
   size_t bytes = 0;
   for (const LayerStore& s : layers_) {
-    bytes += static_cast<size_t>(s.used) * cost_.elem_bytes;
+    bytes += static_cast<size_t>(s.used);
     bytes += static_cast<size_t>(s.n) * 2 * meta_width_;
     bytes += static_cast<size_t>(CeilDiv(s.n, kIndexEvery)) * sizeof(uint32_t);
   }
@@ -91,26 +128,31 @@ size_t DynaKvCache::BytesReserved() const {
   return bytes;
 }
 
-// Grows the arena to hold need_elems, by at least 1.5x (amortized appends), never past the worst
-// case capacity x 2D. Records are copied; nothing outside the cache points into the arena.
-void DynaKvCache::Grow(LayerStore& s, int64_t need_elems) {
-  if (need_elems <= s.arena_elems) return;
-  const int64_t worst = static_cast<int64_t>(capacity_) * 2 * D();
-  const int64_t elems = std::min(worst, std::max(need_elems, s.arena_elems + s.arena_elems / 2));
-  // kArenaSlack spare elements: the attention kernels load latents in whole vectors of 8.
-  std::vector<uint8_t> bigger(static_cast<size_t>(elems + kArenaSlack) * cost_.elem_bytes);
-  if (s.used > 0) std::memcpy(bigger.data(), s.arena.data(), static_cast<size_t>(s.used) * cost_.elem_bytes);
+// Grows the arena to hold need_bytes, by at least 1.5x (amortized appends), never past the worst
+// case capacity x 2 full-rank latents. Records are copied; nothing outside the cache points into it.
+void DynaKvCache::Grow(LayerStore& s, int64_t need_bytes) {
+  if (need_bytes <= s.arena_bytes) return;
+  const int64_t worst = static_cast<int64_t>(capacity_) * 2 * format_.Bytes(D());
+  const int64_t bytes = std::min(worst, std::max(need_bytes, s.arena_bytes + s.arena_bytes / 2));
+  // kArenaSlack spare bytes: the attention kernels load latents in whole vectors of 8 numbers.
+  std::vector<uint8_t> bigger(static_cast<size_t>(bytes + kArenaSlack));
+  if (s.used > 0) std::memcpy(bigger.data(), s.arena.data(), static_cast<size_t>(s.used));
   s.arena.swap(bigger);
-  s.arena_elems = elems;
+  s.arena_bytes = bytes;
 }
 
 void DynaKvCache::Append(LayerStore& s, const float* c, int r) {
-  if (dtype_ == KvDtype::kF16) {
-    Fp32ToFp16Row(c, reinterpret_cast<uint16_t*>(s.arena.data()) + s.used, r);
-  } else {
-    std::memcpy(reinterpret_cast<float*>(s.arena.data()) + s.used, c, static_cast<size_t>(r) * 4);
+  uint8_t* dst = s.arena.data() + s.used;
+  switch (format_.type) {
+    case LatentFormat::kF16: Fp32ToFp16Row(c, reinterpret_cast<uint16_t*>(dst), r); break;
+    case LatentFormat::kF32: std::memcpy(dst, c, static_cast<size_t>(r) * 4); break;
+    default: {
+      const int groups = format_.Groups(r);
+      std::memset(dst, 0, static_cast<size_t>(format_.Bytes(r)));  // the padding byte, if any
+      QuantizeSymLatent(c, r, format_.bits(), format_.GroupSize(r), dst + 2 * groups, reinterpret_cast<uint16_t*>(dst));
+    }
   }
-  s.used += r;
+  s.used += format_.Bytes(r);
 }
 
 void DynaKvCache::Write(int layer, const KvPlan& plan, const float* k, const float* v, const float* x) {
@@ -129,7 +171,7 @@ void DynaKvCache::Write(int layer, const KvPlan& plan, const float* k, const flo
   for (TokenRanks& r : ranks_) {
     r.r_k = std::clamp(r.r_k, 1, Dk);  // a policy bug must not corrupt the arena
     r.r_v = std::clamp(r.r_v, 1, Dk);
-    need += r.r_k + r.r_v;
+    need += format_.Bytes(r.r_k) + format_.Bytes(r.r_v);
   }
   Grow(s, need);
   for (int i = 0; i < n; ++i) {
@@ -170,14 +212,13 @@ Status DynaKvCache::Retain(int layer, const std::vector<std::vector<int>>& keep)
   std::vector<int> rk(s.n), rv(s.n);
   std::vector<int64_t> off(s.n);
   if (s.n > 0) DecodeBlock(s, 0, s.n, rk.data(), rv.data(), off.data());
-  const int64_t eb = cost_.elem_bytes;
   s.n = 0;
   s.used = 0;
   for (int i = 0; i < static_cast<int>(k.size()); ++i) {
     const int t = k[i];
-    const int64_t len = rk[t] + rv[t];
+    const int64_t len = format_.Bytes(rk[t]) + format_.Bytes(rv[t]);
     if (off[t] != s.used)
-      std::memmove(s.arena.data() + s.used * eb, s.arena.data() + off[t] * eb, static_cast<size_t>(len * eb));
+      std::memmove(s.arena.data() + s.used, s.arena.data() + off[t], static_cast<size_t>(len));
     if (i % kIndexEvery == 0) s.index[i / kIndexEvery] = static_cast<uint32_t>(s.used);
     uint8_t* m = s.meta.data() + static_cast<size_t>(i) * 2 * meta_width_;
     const uint8_t* src = s.meta.data() + static_cast<size_t>(t) * 2 * meta_width_;
@@ -196,20 +237,23 @@ void DynaKvCache::DecodeBlock(const LayerStore& s, int t0, int t1, int* rk, int*
     const uint8_t* m = meta + static_cast<size_t>(t) * 2 * meta_width_ + w * meta_width_;
     return (meta_width_ == 1 ? m[0] : (m[0] | (m[1] << 8))) + 1;
   };
-  for (int t = block_start; t < t0; ++t) cur += rank(t, 0) + rank(t, 1);
+  for (int t = block_start; t < t0; ++t) cur += format_.Bytes(rank(t, 0)) + format_.Bytes(rank(t, 1));
   for (int t = t0; t < t1; ++t) {
     rk[t - t0] = rank(t, 0);
     rv[t - t0] = rank(t, 1);
     off[t - t0] = cur;
-    cur += rk[t - t0] + rv[t - t0];
+    cur += format_.Bytes(rk[t - t0]) + format_.Bytes(rv[t - t0]);
   }
 }
 
 void DynaKvCache::ReadLatent(const LayerStore& s, int64_t off, int r, float* dst) const {
-  if (dtype_ == KvDtype::kF16) {
-    Fp16ToFp32Row(reinterpret_cast<const uint16_t*>(s.arena.data()) + off, dst, r);
-  } else {
-    std::memcpy(dst, reinterpret_cast<const float*>(s.arena.data()) + off, static_cast<size_t>(r) * 4);
+  const uint8_t* src = s.arena.data() + off;
+  switch (format_.type) {
+    case LatentFormat::kF16: Fp16ToFp32Row(reinterpret_cast<const uint16_t*>(src), dst, r); break;
+    case LatentFormat::kF32: std::memcpy(dst, src, static_cast<size_t>(r) * 4); break;
+    default:
+      DequantizeSymLatent(src + 2 * format_.Groups(r), reinterpret_cast<const uint16_t*>(src), r, format_.bits(),
+                          format_.GroupSize(r), dst);
   }
 }
 
@@ -227,7 +271,7 @@ void DynaKvCache::Reconstruct(int layer, int t, bool value, double* dst) const {
   DecodeBlock(layers_[layer], t, t + 1, &rk, &rv, &off);
   const int r = value ? rv : rk;
   std::vector<float> c(r);
-  ReadLatent(layers_[layer], value ? off + rk : off, r, c.data());
+  ReadLatent(layers_[layer], value ? off + format_.Bytes(rk) : off, r, c.data());
   const BasisSet& b = value ? profile_->v[layer] : profile_->k[layer];
   for (int i = 0; i < Dk; ++i) {
     double acc = b.mean[i];
@@ -426,10 +470,30 @@ inline void Axpy1(float p, const T* c, int r, float* a) {
 
 }  // namespace
 
-// One block of cells [b0, b0 + nb) for one query (ranks and offsets in p.rk/rv/off): scores,
+// The online-softmax step of a block whose scores are in p.scores ([Hq][B]): new running max per
+// head, what was accumulated under the old one rescaled, the scores turned into weights.
+void DynaKvCache::OnlineSoftmax(int nb, Partial& p) const {
+  const int Hq = shape_.n_head, Dp = RoundUp8(D());
+  constexpr int B = kIndexEvery;
+  for (int h = 0; h < Hq; ++h) {
+    float* sh = p.scores.data() + h * B;
+    float mx = p.m[h];
+#pragma omp simd reduction(max : mx)
+    for (int t = 0; t < nb; ++t) mx = std::max(mx, sh[t]);
+    const float f = std::exp(p.m[h] - mx);  // 0 on the first block (m = -inf)
+    p.m[h] = mx;
+    if (f != 1.0f) {
+      float* ah = p.acc.data() + static_cast<size_t>(h) * Dp;
+      for (int j = 0; j < p.rmax_v; ++j) ah[j] *= f;
+    }
+    p.l[h] = p.l[h] * f + ExpShiftSum(sh, nb, mx);
+  }
+}
+
+// One block of cells [b0, b0 + nb) for one query (ranks and byte offsets in p.rk/rv/off): scores,
 // the online-softmax update per head, and the value accumulation, straight from the records.
 template <typename T>
-void DynaKvCache::AttendBlock(const T* arena, const float* qp, const float* mterm, int nb, Partial& p) const {
+void DynaKvCache::AttendBlock(const uint8_t* arena, const float* qp, const float* mterm, int nb, Partial& p) const {
   const int Hq = shape_.n_head, Dp = RoundUp8(D()), h4 = Hq / 4 * 4;
   constexpr int B = kIndexEvery;
   float* sc = p.scores.data();  // [Hq][B], head-major so the softmax loops run over cells
@@ -437,29 +501,43 @@ void DynaKvCache::AttendBlock(const T* arena, const float* qp, const float* mter
   for (int h = 0; h < Hq; ++h)
     for (int t = 0; t < nb; ++t) sc[h * B + t] = mterm[h];
   for (int t = 0; t < nb; ++t) {
-    const T* c = arena + p.off[t];
+    const T* c = reinterpret_cast<const T*>(arena + p.off[t]);
     for (int h = 0; h < h4; h += 4) Dot4(qp + static_cast<int64_t>(h) * Dp, Dp, c, p.rk[t], sc + h * B + t, B);
     for (int h = h4; h < Hq; ++h) Dot1(qp + static_cast<int64_t>(h) * Dp, c, p.rk[t], sc + h * B + t);
   }
-  // New running max per head; rescale what was accumulated under the old one; weights.
-  for (int h = 0; h < Hq; ++h) {
-    float* sh = sc + h * B;
-    float mx = p.m[h];
-#pragma omp simd reduction(max : mx)
-    for (int t = 0; t < nb; ++t) mx = std::max(mx, sh[t]);
-    const float f = std::exp(p.m[h] - mx);  // 0 on the first block (m = -inf)
-    p.m[h] = mx;
-    if (f != 1.0f) {
-      float* ah = acc + static_cast<size_t>(h) * Dp;
-      for (int j = 0; j < p.rmax_v; ++j) ah[j] *= f;
-    }
-    p.l[h] = p.l[h] * f + ExpShiftSum(sh, nb, mx);
-  }
+  OnlineSoftmax(nb, p);
   for (int t = 0; t < nb; ++t) {
-    const T* c = arena + p.off[t] + p.rk[t];
+    const T* c = reinterpret_cast<const T*>(arena + p.off[t]) + p.rk[t];
     for (int h = 0; h < h4; h += 4) Axpy4(sc + h * B + t, B, c, p.rv[t], acc + static_cast<size_t>(h) * Dp, Dp);
     for (int h = h4; h < Hq; ++h) Axpy1(sc[h * B + t], c, p.rv[t], acc + static_cast<size_t>(h) * Dp);
     p.rmax_v = std::max(p.rmax_v, RoundUp8(p.rv[t]));
+  }
+}
+
+// The same for int8 / int4 latents: each head's dot product and value update run on the codes
+// (ops/quant.h), one head at a time.
+void DynaKvCache::AttendBlockQuantized(const uint8_t* arena, const float* qp, const float* mterm, int nb,
+                                       Partial& p) const {
+  const int Hq = shape_.n_head, Dp = RoundUp8(D()), bits = format_.bits();
+  constexpr int B = kIndexEvery;
+  float* sc = p.scores.data();
+  for (int t = 0; t < nb; ++t) {
+    const uint8_t* rec = arena + p.off[t];
+    const int r = p.rk[t], g = format_.GroupSize(r);
+    const auto* scales = reinterpret_cast<const uint16_t*>(rec);
+    for (int h = 0; h < Hq; ++h)
+      sc[h * B + t] = mterm[h] + DotSymLatent(qp + static_cast<int64_t>(h) * Dp, rec + 2 * format_.Groups(r), scales,
+                                              r, bits, g);
+  }
+  OnlineSoftmax(nb, p);
+  for (int t = 0; t < nb; ++t) {
+    const uint8_t* rec = arena + p.off[t] + format_.Bytes(p.rk[t]);
+    const int r = p.rv[t], g = format_.GroupSize(r);
+    const auto* scales = reinterpret_cast<const uint16_t*>(rec);
+    for (int h = 0; h < Hq; ++h)
+      AxpySymLatent(sc[h * B + t], rec + 2 * format_.Groups(r), scales, r, bits, g,
+                    p.acc.data() + static_cast<size_t>(h) * Dp);
+    p.rmax_v = std::max(p.rmax_v, RoundUp8(r));
   }
 }
 
@@ -471,10 +549,10 @@ void DynaKvCache::AttendRange(const LayerStore& s, const float* qp, const float*
   for (int b0 = t0; b0 < t1; b0 += kIndexEvery) {
     const int nb = std::min(t1, b0 + kIndexEvery) - b0;
     DecodeBlock(s, b0, b0 + nb, p.rk.data(), p.rv.data(), p.off.data());
-    if (dtype_ == KvDtype::kF16) {
-      AttendBlock(reinterpret_cast<const uint16_t*>(s.arena.data()), qp, mterm, nb, p);
-    } else {
-      AttendBlock(reinterpret_cast<const float*>(s.arena.data()), qp, mterm, nb, p);
+    switch (format_.type) {
+      case LatentFormat::kF16: AttendBlock<uint16_t>(s.arena.data(), qp, mterm, nb, p); break;
+      case LatentFormat::kF32: AttendBlock<float>(s.arena.data(), qp, mterm, nb, p); break;
+      default: AttendBlockQuantized(s.arena.data(), qp, mterm, nb, p);
     }
   }
 }
@@ -555,7 +633,7 @@ void DynaKvCache::AttendGemm(int layer, const KvPlan& plan, float* out, ThreadPo
       float* kt = kd_.data() + t * rmax_k;
       float* vt = vd_.data() + t * rmax_v;
       ReadLatent(s, off[t], rk[t], kt);
-      ReadLatent(s, off[t] + rk[t], rv[t], vt);
+      ReadLatent(s, off[t] + format_.Bytes(rk[t]), rv[t], vt);
       std::fill(kt + rk[t], kt + rmax_k, 0.0f);
       std::fill(vt + rv[t], vt + rmax_v, 0.0f);
     }
@@ -588,8 +666,10 @@ StatusOr<std::unique_ptr<DynaKvCache>> CreateDynaKvCacheFromProfile(const KvConf
                                                                     int capacity,
                                                                     std::shared_ptr<const DynaKvProfile> profile,
                                                                     const std::string& origin) {
-  KvDtype dtype;
-  DK_ASSIGN_OR_RETURN(dtype, ParseKvDtype(config.options.String("--kv-dtype", "f16"), "--kv-dtype"));
+  int group;
+  DK_ASSIGN_OR_RETURN(group, config.options.Int("--latent-group", 0, 0, 1 << 20));
+  LatentFormat format;
+  DK_ASSIGN_OR_RETURN(format, ParseLatentFormat(config.options.String("--kv-dtype", "f16"), group));
   if (profile == nullptr) return InvalidArgument("dynakv: no profile given");
   DK_RETURN_IF_ERROR(ValidateProfile(*profile, origin));
   DK_RETURN_IF_ERROR(CheckProfileMatchesModel(*profile, model, origin));
@@ -597,8 +677,8 @@ StatusOr<std::unique_ptr<DynaKvCache>> CreateDynaKvCacheFromProfile(const KvConf
   if (shape.n_head_kv <= 0 || shape.n_head % shape.n_head_kv != 0)
     return InvalidArgument("dynakv: " + std::to_string(shape.n_head) + " query heads are not a multiple of " +
                            std::to_string(shape.n_head_kv) + " KV heads");
-  // Record offsets are 32-bit element counts.
-  if (static_cast<int64_t>(capacity) * 2 * shape.kv_dim() > std::numeric_limits<uint32_t>::max())
+  // Record offsets are 32-bit byte counts.
+  if (static_cast<int64_t>(capacity) * 2 * format.Bytes(shape.kv_dim()) > std::numeric_limits<uint32_t>::max())
     return InvalidArgument("dynakv: a capacity of " + std::to_string(capacity) + " tokens at D = " +
                            std::to_string(shape.kv_dim()) + " overflows the 32-bit record offsets");
   RankPolicyContext ctx;
@@ -606,12 +686,12 @@ StatusOr<std::unique_ptr<DynaKvCache>> CreateDynaKvCacheFromProfile(const KvConf
   ctx.kv_dim = shape.kv_dim();
   ctx.n_embd = shape.n_embd;
   ctx.levels = profile->levels;
-  ctx.cost = DynaKvCache::CostFor(shape.kv_dim(), dtype);
+  ctx.cost = DynaKvCache::CostFor(shape.kv_dim(), format);
   ctx.profile = profile;
   ctx.origin = origin;
   std::unique_ptr<RankPolicy> policy;
   DK_ASSIGN_OR_RETURN(policy, CreateRankPolicy(config, ctx));
-  return std::make_unique<DynaKvCache>(shape, capacity, dtype, std::move(profile), std::move(policy));
+  return std::make_unique<DynaKvCache>(shape, capacity, format, std::move(profile), std::move(policy));
 }
 
 StatusOr<std::shared_ptr<const DynaKvProfile>> LoadSharedProfile(const std::string& path) {
@@ -653,7 +733,8 @@ const KvMethod& DynaKvMethod() {
   static const KvMethod m{
       "dynakv",
       "low-rank latents on a calibrated basis, each token its own rank (--profile)",
-      {{"--kv-dtype", "TYPE", "storage of cached rows or latents: f16 (default) or f32"},
+      {{"--kv-dtype", "TYPE", "storage of cached rows or latents: f16 (default) or f32; dynakv also q8, q4"},
+       {"--latent-group", "G", "dynakv q8/q4: numbers per fp16 scale (default 0: one scale per latent)"},
        {"--profile", "FILE", "dynakv: calibrated profile from 'dynakv calibrate' (or 'train-router')"},
        {"--rank-policy", "NAME", "dynakv: uniform (default), energy, or router (a profile from train-router)"},
        {"--rank", "N", "dynakv uniform: rank of every token's latent (1..D)"},

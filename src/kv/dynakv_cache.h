@@ -16,15 +16,32 @@
 
 namespace dk {
 
+// How a latent's numbers are stored (--kv-dtype): f16 or f32, or quantized symmetrically to int8
+// / int4 with an fp16 scale per `group` numbers (--latent-group; 0 = one scale per latent, i.e. per
+// token), the scales first, then the codes, padded to an even byte count (ops/quant.h).
+struct LatentFormat {
+  enum Type { kF16, kF32, kQ8, kQ4 } type = kF16;
+  int group = 0;
+
+  bool quantized() const { return type == kQ8 || type == kQ4; }
+  int bits() const { return type == kQ8 ? 8 : 4; }
+  int Groups(int r) const { return group > 0 ? (r + group - 1) / group : 1; }
+  int GroupSize(int r) const { return group > 0 ? group : r; }
+  int64_t Bytes(int r) const;  // one latent of rank r
+  std::string Name() const;     // "f16", "q8", "q4g32", ...
+};
+// "f16", "f32", "q8", "q4"; InvalidArgument naming --kv-dtype or --latent-group.
+StatusOr<LatentFormat> ParseLatentFormat(const std::string& dtype, int group);
+
 class DynaKvCache final : public KvCache {
  public:
   static constexpr int kIndexEvery = 64;  // B: one offset index entry per B tokens
   static constexpr int kGemmMinBatch = 8; // batches this large attend through fp32 GEMMs
-  static constexpr int kArenaSlack = 8;   // spare elements after each arena (vector loads)
+  static constexpr int kArenaSlack = 32;  // spare bytes after each arena (vector loads of 8 numbers)
 
-  // The profile must match the shape (the factory checks it against the model).
-  // The profile is shared read-only: many caches (sequences, server slots) use one copy.
-  DynaKvCache(const KvShape& shape, int capacity, KvDtype dtype, std::shared_ptr<const DynaKvProfile> profile,
+  // The profile must match the shape (the factory checks it against the model). It is shared
+  // read-only: many caches (sequences, server slots) use one copy.
+  DynaKvCache(const KvShape& shape, int capacity, LatentFormat format, std::shared_ptr<const DynaKvProfile> profile,
               std::unique_ptr<RankPolicy> policy);
 
   std::string name() const override;
@@ -40,9 +57,14 @@ class DynaKvCache final : public KvCache {
   // Arena, metadata and index allocations.
   size_t BytesReserved() const override;
 
-  // What one token costs in one layer (shared with the rank policy's budget arithmetic).
-  static RecordCost CostFor(int kv_dim, KvDtype dtype);
+  // What one token costs in one layer (shared with the rank policy's budget arithmetic; for
+  // quantized latents the per-latent scales and padding are averaged into the per-token bytes).
+  static RecordCost CostFor(int kv_dim, LatentFormat format);
+  static RecordCost CostFor(int kv_dim, KvDtype dtype) {
+    return CostFor(kv_dim, LatentFormat{dtype == KvDtype::kF16 ? LatentFormat::kF16 : LatentFormat::kF32, 0});
+  }
   const RecordCost& cost() const { return cost_; }
+  const LatentFormat& format() const { return format_; }
   const RankPolicy& policy() const { return *policy_; }
   const DynaKvProfile& profile() const { return *profile_; }
 
@@ -56,13 +78,13 @@ class DynaKvCache final : public KvCache {
   void AttendReference(int layer, const KvPlan& plan, const float* q, float* out) const;
 
  private:
-  // One layer's packed records. Shapes in elements of dtype_ unless said otherwise.
+  // One layer's packed records; offsets and sizes in bytes.
   struct LayerStore {
-    std::vector<uint8_t> arena;    // [arena_elems] records [c_K (r_K)][c_V (r_V)], token after token
-    int64_t arena_elems = 0;       // allocated elements
-    int64_t used = 0;              // elements written = sum over tokens of (r_K + r_V)
+    std::vector<uint8_t> arena;    // [arena_bytes + slack] records [c_K][c_V], token after token
+    int64_t arena_bytes = 0;       // allocated bytes (slack not counted)
+    int64_t used = 0;              // bytes written = sum over tokens of Bytes(r_K) + Bytes(r_V)
     std::vector<uint8_t> meta;     // [capacity][2][meta_width_] (r_K - 1, r_V - 1), little-endian
-    std::vector<uint32_t> index;   // [ceil(capacity / B)] element offset of token b * B
+    std::vector<uint32_t> index;   // [ceil(capacity / B)] byte offset of token b * B's record
     int n = 0;                     // tokens written
   };
   // Per-thread scratch and partial softmax state of the latent attention path (Dp = D rounded up to 8).
@@ -83,7 +105,7 @@ class DynaKvCache final : public KvCache {
   void Reconstruct(int layer, int t, bool value, double* dst) const;            // dst: [D]
   void Append(LayerStore& s, const float* c, int r);
   void AppendRecord(LayerStore& s, TokenRanks r, const float* ck, const float* cv);
-  void Grow(LayerStore& s, int64_t need_elems);
+  void Grow(LayerStore& s, int64_t need_bytes);
 
   // Projected queries: qt [n][Hq][D] = U_K,h^T q_h / sqrt(d); mterm [n][Hq] = q_h . mu_K,h / sqrt(d).
   void ProjectQueries(int layer, int n, const float* q);
@@ -91,11 +113,13 @@ class DynaKvCache final : public KvCache {
   void ProjectOutputs(int layer, int n, int r_max, float* out);
   void AttendLatent(int layer, const KvPlan& plan, float* out, ThreadPool& pool);
   template <typename T>
-  void AttendBlock(const T* arena, const float* qp, const float* mterm, int nb, Partial& p) const;
+  void AttendBlock(const uint8_t* arena, const float* qp, const float* mterm, int nb, Partial& p) const;
+  void AttendBlockQuantized(const uint8_t* arena, const float* qp, const float* mterm, int nb, Partial& p) const;
+  void OnlineSoftmax(int nb, Partial& p) const;  // the per-head softmax update of a block's scores
   void AttendRange(const LayerStore& s, const float* qp, const float* mterm, int t0, int t1, Partial& p) const;
   void AttendGemm(int layer, const KvPlan& plan, float* out, ThreadPool& pool);
 
-  KvDtype dtype_;
+  LatentFormat format_;
   std::shared_ptr<const DynaKvProfile> profile_;
   std::unique_ptr<RankPolicy> policy_;
   int meta_width_;  // bytes per rank: 1 when D <= 256 (rank - 1 fits a byte), else 2

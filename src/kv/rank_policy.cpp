@@ -33,7 +33,7 @@ Status CheckBudget(double budget, int min_rank, const RankPolicyContext& ctx) {
   if (budget < lowest) {
     return InvalidArgument("--kv-budget: " + Num(budget) + " is below the smallest fraction this cache can hold (" +
                            Num(lowest) + ": rank " + std::to_string(min_rank) + " for K and V plus " +
-                           std::to_string(ctx.cost.meta_bytes) + " bytes of metadata per token per layer)");
+                           Num(ctx.cost.meta_bytes) + " bytes of metadata per token per layer)");
   }
   return Status::Ok();
 }

@@ -30,8 +30,8 @@ struct TokenRanks {
 
 // Bytes one token costs in one layer of the cache, as BytesUsed counts them.
 struct RecordCost {
-  int elem_bytes = 2;             // one latent number (f16: 2, f32: 4)
-  int meta_bytes = 2;             // per-token metadata (the two ranks)
+  double elem_bytes = 2;          // one latent number (f16: 2, f32: 4, int8 1, int4 0.5, + grouped scales)
+  double meta_bytes = 2;          // per-token metadata (the two ranks, per-latent scales and padding)
   double index_bytes_per_token = 0.0;  // offset index, amortized (4 bytes every B tokens)
   double Bytes(int64_t latent_elems, int64_t n_tokens) const {
     return static_cast<double>(latent_elems) * elem_bytes +

@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "kv/dynakv_cache.h"
 #include "kv/profile.h"
 #include "kv/rank_policy.h"
 #include "kv/router.h"
@@ -57,10 +58,15 @@ class RouterRankPolicy final : public RankPolicy {
   // two rows; the table spans every token at the lowest level to every token at D).
   void SetUpBudget() {
     const std::vector<RouterBudgetRow>& rows = router_.budget;
+    // The table counts fp16 latents; for other formats, the fp16 fraction with as many numbers.
+    const RecordCost f16 = DynaKvCache::CostFor(ctx_.kv_dim, KvDtype::kF16);
+    const double full = 4.0 * ctx_.kv_dim;
+    const double elems = (budget_ * full - ctx_.cost.meta_bytes - ctx_.cost.index_bytes_per_token) / ctx_.cost.elem_bytes;
+    const double want = f16.Bytes(0, 1) / full + elems * f16.elem_bytes / full;
     size_t i = 0;
-    while (i + 2 < rows.size() && Router::MeanFraction(rows[i + 1]) < budget_) ++i;
+    while (i + 2 < rows.size() && Router::MeanFraction(rows[i + 1]) < want) ++i;
     const double fa = Router::MeanFraction(rows[i]), fb = Router::MeanFraction(rows[i + 1]);
-    const double t = fb > fa ? std::clamp((budget_ - fa) / (fb - fa), 0.0, 1.0) : 0.0;
+    const double t = fb > fa ? std::clamp((want - fa) / (fb - fa), 0.0, 1.0) : 0.0;
     beta_ = rows[i].beta + t * (rows[i + 1].beta - rows[i].beta);
   }
 
