@@ -236,6 +236,7 @@ StatusOr<EvalSpec> EvalSpecFromJson(const json& j) {
     }
     if (j.contains("speed_ctx")) s.speed_ctx = j["speed_ctx"].get<std::vector<int>>();
     if (j.contains("speed_fractions")) s.speed_fractions = j["speed_fractions"].get<std::vector<double>>();
+    if (j.contains("speed_methods")) s.speed_methods = j["speed_methods"].get<std::vector<std::string>>();
     s.speed_decode = j.value("speed_decode", s.speed_decode);
     for (const json& m : j.value("methods", json::array())) {
       if (m.is_string()) {
@@ -286,7 +287,8 @@ json EvalSpecToJson(const EvalSpec& s) {
               {"passkey", {{"lengths", s.passkey.lengths}, {"depths", s.passkey.depths},
                            {"per_cell", s.passkey.per_cell}, {"seed", s.passkey.seed},
                            {"n_predict", s.passkey.n_predict}}},
-              {"speed_ctx", s.speed_ctx}, {"speed_fractions", s.speed_fractions}, {"speed_decode", s.speed_decode}};
+              {"speed_ctx", s.speed_ctx}, {"speed_fractions", s.speed_fractions},
+              {"speed_methods", s.speed_methods}, {"speed_decode", s.speed_decode}};
 }
 
 StatusOr<std::vector<EvalRun>> ExpandRuns(const EvalSpec& spec) {
@@ -341,11 +343,16 @@ StatusOr<json> RunEvaluation(const Model& model, const EvalSpec& spec, const std
     DK_ASSIGN_OR_RETURN(cases, MakePasskeyCases(text, spec.passkey, &model.tokenizer(),
                                                 model.config().n_ctx_train - spec.passkey.n_predict + 1));
   }
+  // Speed is measured for the chosen methods, at the chosen fractions (fixed-size methods always).
+  auto timed = [&](const EvalRun& r) {
+    const bool method = spec.speed_methods.empty() ||
+                        std::count(spec.speed_methods.begin(), spec.speed_methods.end(), r.method) > 0;
+    return method && (r.fraction < 0 ||
+                      std::count(spec.speed_fractions.begin(), spec.speed_fractions.end(), r.fraction) > 0);
+  };
   int total = 0, done = 0;
   for (const EvalRun& r : runs)
-    for (const std::string& t : spec.tasks)
-      total += t != "speed" || r.fraction < 0 ||
-               std::count(spec.speed_fractions.begin(), spec.speed_fractions.end(), r.fraction) > 0;
+    for (const std::string& t : spec.tasks) total += t != "speed" || timed(r);
   json rows = json::array();
   for (const EvalRun& r : runs) {
     const std::string run_dir = dir + "/runs/" + r.folder;
@@ -353,9 +360,7 @@ StatusOr<json> RunEvaluation(const Model& model, const EvalSpec& spec, const std
     json row = RunConfigJson(r);
     row["folder"] = r.folder;
     for (const std::string& task : spec.tasks) {
-      if (task == "speed" && r.fraction >= 0 &&
-          std::count(spec.speed_fractions.begin(), spec.speed_fractions.end(), r.fraction) == 0)
-        continue;
+      if (task == "speed" && !timed(r)) continue;
       json config = RunConfigJson(r);
       json all = EvalSpecToJson(spec);
       config["task"] = task;

@@ -53,6 +53,7 @@ struct EvalSpec {
   PasskeyOptions passkey;         // lengths, depths, per_cell, seed, n_predict
   std::vector<int> speed_ctx = {1024, 4096, 16384, 32768};
   std::vector<double> speed_fractions = {0.25};
+  std::vector<std::string> speed_methods;  // methods timed (empty: all)
   int speed_decode = 64;          // decode steps timed per context (after 4 untimed ones)
 };
 

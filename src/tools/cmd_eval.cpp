@@ -157,7 +157,11 @@ int CmdEval(int argc, char** argv) {
   auto summary = RunEvaluation(**model, *spec, results, force, pool, [&](int done, int total, const std::string& what) {
     if (quiet) return;
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    std::fprintf(stderr, "eval [%d/%d] %s (%.0f s)\n", done, total, what.c_str(), secs);
+    if (done < total) {
+      std::fprintf(stderr, "eval [%d/%d] %s (%.0f s so far)\n", done + 1, total, what.c_str(), secs);
+    } else {
+      std::fprintf(stderr, "eval: %d tasks done in %.0f s\n", total, secs);
+    }
   });
   if (!summary.ok()) return Fail("eval", summary.status());
   PrintTable(*summary);
