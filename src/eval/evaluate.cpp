@@ -23,7 +23,7 @@ using json = nlohmann::json;
 EvalMethod Method(std::string name, std::string kv, std::string evict, std::map<std::string, std::string> flags,
                   bool per_fraction = true, bool rank_at_root = false, double rank_scale = 1.0) {
   return EvalMethod{std::move(name), std::move(kv), std::move(evict), std::move(flags), per_fraction, rank_at_root,
-                    rank_scale};
+                    rank_scale, {}};
 }
 
 std::vector<EvalMethod> Presets() {
@@ -253,6 +253,7 @@ StatusOr<EvalSpec> EvalSpecFromJson(const json& j) {
       e.per_fraction = m.value("per_fraction", true);
       e.rank_at_root = m.value("rank_at_root", false);
       e.rank_scale = m.value("rank_scale", 1.0);
+      if (m.contains("fractions")) e.fractions = m["fractions"].get<std::vector<double>>();
       s.methods.push_back(e);
     }
   } catch (const json::exception& e) {
@@ -280,7 +281,7 @@ json EvalSpecToJson(const EvalSpec& s) {
   for (const EvalMethod& m : s.methods)
     methods.push_back({{"name", m.name}, {"kv", m.kv}, {"evict", m.evict}, {"flags", m.flags},
                        {"per_fraction", m.per_fraction}, {"rank_at_root", m.rank_at_root},
-                       {"rank_scale", m.rank_scale}});
+                       {"rank_scale", m.rank_scale}, {"fractions", m.fractions}});
   return json{{"name", s.name}, {"model", s.model}, {"text", s.text}, {"profile", s.profile}, {"routers", s.routers},
               {"fractions", s.fractions}, {"methods", methods}, {"tasks", s.tasks}, {"ppl_ctx", s.ppl_ctx},
               {"ppl_chunks", s.ppl_chunks}, {"decode_batch", s.decode_batch},
@@ -294,7 +295,8 @@ json EvalSpecToJson(const EvalSpec& s) {
 StatusOr<std::vector<EvalRun>> ExpandRuns(const EvalSpec& spec) {
   std::vector<EvalRun> runs;
   for (const EvalMethod& m : spec.methods) {
-    const std::vector<double> fractions = m.per_fraction ? spec.fractions : std::vector<double>{-1.0};
+    const std::vector<double> fractions =
+        !m.per_fraction ? std::vector<double>{-1.0} : (m.fractions.empty() ? spec.fractions : m.fractions);
     for (double f : fractions) {
       EvalRun r;
       r.method = m.name;

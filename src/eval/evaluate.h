@@ -40,6 +40,7 @@ struct EvalMethod {
   bool per_fraction = true;       // false: one run at the method's own size (quantized caches)
   bool rank_at_root = false;      // {router} is chosen for the square root of the fraction (splits)
   double rank_scale = 1.0;        // {router} is chosen for this many times the fraction (int8 latents: 2)
+  std::vector<double> fractions;  // this method's own fractions (empty: the spec's)
 };
 
 struct EvalSpec {
