@@ -12,7 +12,8 @@ namespace dk {
 
 class MappedFile {
  public:
-  // Maps `path` read-only. Errors name the path and the OS reason.
+  // Maps `path` read-only; only a regular file (a pipe, device or folder is refused without
+  // blocking). Errors name the path and the OS reason.
   static StatusOr<std::unique_ptr<MappedFile>> Open(const std::string& path);
   ~MappedFile();
   MappedFile(const MappedFile&) = delete;
@@ -29,9 +30,12 @@ class MappedFile {
   std::string path_;
 };
 
-// Writes `bytes` to `path` atomically: a temporary file in the same folder, fsync, rename.
+// Writes `bytes` to `path` atomically: a nameless (O_TMPFILE) or temporary file in the same
+// folder, fsync, then linked / renamed into place; nothing is left behind on an error or a kill.
 Status WriteFileAtomically(const std::string& path, const void* bytes, size_t size);
-// Reads a whole (small) file into a string.
-StatusOr<std::string> ReadWholeFile(const std::string& path);
+// Reads a whole regular file (not a pipe, device or folder: refused without blocking) into a
+// string; larger than max_bytes is InvalidArgument naming the file.
+constexpr size_t kMaxTextBytes = size_t{1} << 30;
+StatusOr<std::string> ReadWholeFile(const std::string& path, size_t max_bytes = kMaxTextBytes);
 
 }  // namespace dk

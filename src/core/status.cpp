@@ -11,10 +11,28 @@ const char* CodeName(Code code) {
     case Code::kCorrupt: return "corrupt";
     case Code::kOutOfRange: return "out of range";
     case Code::kResourceExhausted: return "resource exhausted";
+    case Code::kFailedPrecondition: return "failed precondition";
     case Code::kUnimplemented: return "unimplemented";
     case Code::kInternal: return "internal error";
   }
   return "unknown";
+}
+
+std::string Printable(const std::string& text, size_t max_chars) {
+  static const char* kHex = "0123456789abcdef";
+  std::string out;
+  for (size_t i = 0; i < text.size(); ++i) {
+    if (out.size() >= max_chars) return out + "...";
+    const auto c = static_cast<unsigned char>(text[i]);
+    if (c >= 0x20 && c < 0x7f) {
+      out += static_cast<char>(c);
+    } else {
+      out += "\\x";
+      out += kHex[c >> 4];
+      out += kHex[c & 15];
+    }
+  }
+  return out;
 }
 
 std::string Status::ToString() const {

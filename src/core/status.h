@@ -15,12 +15,17 @@ enum class Code {
   kIoError,           // open/read/write/rename failed
   kCorrupt,           // file contents fail validation
   kOutOfRange,        // index or size past a limit
-  kResourceExhausted, // a cache or buffer is full; the caller can act on it
+  kResourceExhausted, // a cache or buffer is full, or a size exceeds what the machine has
+  kFailedPrecondition,// valid inputs that do not go together (a profile for another model)
   kUnimplemented,     // valid input we do not support (yet)
   kInternal,          // a bug in dynakv
 };
 
 const char* CodeName(Code code);
+
+// `text` safe to print in a message: printable ASCII kept, everything else (control characters,
+// escape sequences, NUL, bytes >= 0x7f) as \xNN, and at most max_chars of it.
+std::string Printable(const std::string& text, size_t max_chars = 200);
 
 class [[nodiscard]] Status {
  public:
@@ -47,6 +52,7 @@ inline Status IoError(std::string m) { return Status(Code::kIoError, std::move(m
 inline Status Corrupt(std::string m) { return Status(Code::kCorrupt, std::move(m)); }
 inline Status OutOfRange(std::string m) { return Status(Code::kOutOfRange, std::move(m)); }
 inline Status ResourceExhausted(std::string m) { return Status(Code::kResourceExhausted, std::move(m)); }
+inline Status FailedPrecondition(std::string m) { return Status(Code::kFailedPrecondition, std::move(m)); }
 inline Status Unimplemented(std::string m) { return Status(Code::kUnimplemented, std::move(m)); }
 inline Status Internal(std::string m) { return Status(Code::kInternal, std::move(m)); }
 

@@ -492,19 +492,19 @@ StatusOr<DynaKvProfile> LoadProfile(const std::string& path) {
 Status CheckProfileMatchesModel(const DynaKvProfile& p, const KvModelInfo& model, const std::string& profile_path) {
   const KvShape& s = model.shape;
   if (p.model_fingerprint != model.fingerprint) {
-    return InvalidArgument("profile " + profile_path + " was calibrated for model '" + p.model_name +
+    return FailedPrecondition("profile " + profile_path + " was calibrated for model '" + Printable(p.model_name) +
                            "' (fingerprint " + Hex64(p.model_fingerprint) + "), not for " + model.model_path +
                            " (fingerprint " + Hex64(model.fingerprint) + "); run 'dynakv calibrate' for this model");
   }
   if (p.n_layer != s.n_layer || p.n_head_kv != s.n_head_kv || p.head_dim != s.head_dim) {
-    return InvalidArgument("profile " + profile_path + " has n_layer=" + std::to_string(p.n_layer) +
+    return FailedPrecondition("profile " + profile_path + " has n_layer=" + std::to_string(p.n_layer) +
                            ", n_head_kv=" + std::to_string(p.n_head_kv) + ", head_dim=" + std::to_string(p.head_dim) +
                            " but model " + model.model_path + " has n_layer=" + std::to_string(s.n_layer) +
                            ", n_head_kv=" + std::to_string(s.n_head_kv) + ", head_dim=" +
                            std::to_string(s.head_dim) + "; run 'dynakv calibrate' for this model");
   }
   if (p.router && p.router->n_embd != s.n_embd) {
-    return InvalidArgument("profile " + profile_path + ": its router reads hidden states of width " +
+    return FailedPrecondition("profile " + profile_path + ": its router reads hidden states of width " +
                            std::to_string(p.router->n_embd) + " but model " + model.model_path + " has n_embd=" +
                            std::to_string(s.n_embd) + "; run 'dynakv train-router' for this model");
   }

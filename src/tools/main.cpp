@@ -1,6 +1,8 @@
 // dynakv: command-line front end. Each subcommand lives in its own cmd_*.cpp.
 #include <cstdio>
 #include <cstring>
+#include <exception>
+#include <new>
 #include <string>
 
 #include "tools/common.h"
@@ -24,7 +26,9 @@ void PrintUsage(FILE* out) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+namespace {
+
+int Dispatch(int argc, char** argv) {
   using namespace dk::cli;
   if (argc < 2) {
     PrintUsage(stderr);
@@ -46,4 +50,20 @@ int main(int argc, char** argv) {
   std::fprintf(stderr, "dynakv: unknown command '%s'\n", cmd.c_str());
   PrintUsage(stderr);
   return kExitUsage;
+}
+
+}  // namespace
+
+// The library reports failures as Status; what can still escape is the standard library's own
+// (an allocation the checks before it did not foresee): it ends the run with a message and exit
+// code 1, never an abort.
+int main(int argc, char** argv) {
+  try {
+    return Dispatch(argc, argv);
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "dynakv: error: out of memory (try a smaller -c, -b or --batch, or a smaller text)\n");
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "dynakv: error: %s\n", e.what());
+  }
+  return dk::cli::kExitError;
 }
