@@ -25,8 +25,10 @@ StatusOr<KvDtype> ParseKvDtype(const std::string& text, const std::string& flag)
 FullKvCache::FullKvCache(const KvShape& shape, int capacity, KvDtype dtype)
     : KvCache(shape, capacity), dtype_(dtype), n_(shape.n_layer, 0) {
   const size_t layer_bytes = static_cast<size_t>(capacity) * shape.kv_dim() * elem_bytes();
-  k_.assign(shape.n_layer, std::vector<uint8_t>(layer_bytes));
-  v_.assign(shape.n_layer, std::vector<uint8_t>(layer_bytes));
+  for (int l = 0; l < shape.n_layer; ++l) {
+    k_.emplace_back(layer_bytes);
+    v_.emplace_back(layer_bytes);
+  }
 }
 
 size_t FullKvCache::BytesUsed() const {
@@ -35,7 +37,7 @@ size_t FullKvCache::BytesUsed() const {
   return rows * 2 * shape_.kv_dim() * elem_bytes();
 }
 
-void FullKvCache::StoreRows(std::vector<uint8_t>& buf, int first, int n, const float* src) {
+void FullKvCache::StoreRows(LazyBuffer& buf, int first, int n, const float* src) {
   const int64_t D = shape_.kv_dim();
   if (dtype_ == KvDtype::kF16) {
     auto* dst = reinterpret_cast<uint16_t*>(buf.data()) + first * D;
@@ -45,7 +47,7 @@ void FullKvCache::StoreRows(std::vector<uint8_t>& buf, int first, int n, const f
   }
 }
 
-void FullKvCache::ReadRow(const std::vector<uint8_t>& buf, int t, float* dst) const {
+void FullKvCache::ReadRow(const LazyBuffer& buf, int t, float* dst) const {
   const int64_t D = shape_.kv_dim();
   if (dtype_ == KvDtype::kF16) {
     Fp16ToFp32Row(reinterpret_cast<const uint16_t*>(buf.data()) + t * D, dst, D);
@@ -79,7 +81,7 @@ Status FullKvCache::Retain(int layer, const std::vector<std::vector<int>>& keep)
   const size_t width = keep.size() == 1 ? D : d;  // bytes moved per row: all heads, or one head's columns
   for (size_t g = 0; g < keep.size(); ++g) {
     const size_t col = keep.size() == 1 ? 0 : g * d;
-    for (std::vector<uint8_t>* buf : {&k_[layer], &v_[layer]})
+    for (LazyBuffer* buf : {&k_[layer], &v_[layer]})
       for (size_t s = 0; s < keep[g].size(); ++s)
         if (keep[g][s] != static_cast<int>(s))
           std::memmove(buf->data() + (s * D + col) * e, buf->data() + (static_cast<size_t>(keep[g][s]) * D + col) * e,
@@ -126,7 +128,7 @@ void FullKvCache::Attend(int layer, const KvPlan& plan, const float* q, float* o
   });
 }
 
-void FullKvCache::ConvertHead(const std::vector<uint8_t>& buf, int64_t g, int T, float* dst) const {
+void FullKvCache::ConvertHead(const LazyBuffer& buf, int64_t g, int T, float* dst) const {
   const int d = shape_.head_dim;
   const int64_t D = shape_.kv_dim();
   const auto* src = reinterpret_cast<const uint16_t*>(buf.data());

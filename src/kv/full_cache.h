@@ -5,6 +5,7 @@
 
 #include <vector>
 
+#include "core/buffer.h"
 #include "kv/kv_cache.h"
 
 namespace dk {
@@ -36,16 +37,16 @@ class FullKvCache final : public KvCache {
  private:
   size_t elem_bytes() const { return dtype_ == KvDtype::kF16 ? 2 : 4; }
   void OnClear() override { n_.assign(shape_.n_layer, 0); }
-  void StoreRows(std::vector<uint8_t>& buf, int first, int n, const float* src);
-  void ReadRow(const std::vector<uint8_t>& buf, int t, float* dst) const;
+  void StoreRows(LazyBuffer& buf, int first, int n, const float* src);
+  void ReadRow(const LazyBuffer& buf, int t, float* dst) const;
 
-  void ConvertHead(const std::vector<uint8_t>& buf, int64_t g, int T, float* dst) const;  // dst: [T][d]
+  void ConvertHead(const LazyBuffer& buf, int64_t g, int T, float* dst) const;  // dst: [T][d]
   void AttendGemm(int layer, const KvPlan& plan, const float* q, float* out, ThreadPool& pool);
   static constexpr int kGemmMinBatch = 8;
 
   KvDtype dtype_;
   // Per layer: [capacity][kv_dim] elements of dtype_, row s = the s-th stored token (of each head).
-  std::vector<std::vector<uint8_t>> k_, v_;
+  std::vector<LazyBuffer> k_, v_;
   std::vector<int> n_;                         // [n_layer] rows stored
   std::vector<float> scratch_s_;               // [n][T] scores of one head (batched path)
   std::vector<float> scratch_k_, scratch_v_;   // [T][d] one kv head as fp32 (fp16 storage)

@@ -1,5 +1,6 @@
 #include "kv/registry.h"
 
+#include "core/memory.h"
 #include "kv/eviction.h"
 
 #include <cerrno>
@@ -110,6 +111,12 @@ Status ValidateKvConfig(const KvConfig& config) {
 StatusOr<std::unique_ptr<KvCache>> CreateKvCache(const KvConfig& config, const KvModelInfo& model, int capacity) {
   if (capacity <= 0) return InvalidArgument("KV cache capacity must be positive, found " + std::to_string(capacity));
   DK_RETURN_IF_ERROR(ValidateKvConfig(config));
+  // Before any allocation: what the cache could reserve at most (fp32 rows, or fp16 ones for every
+  // other storage), against the memory the machine has.
+  const uint64_t elem = config.options.String("--kv-dtype", "f16") == "f32" ? 4 : 2;
+  const uint64_t bound = static_cast<uint64_t>(capacity) * model.shape.n_layer * 2 * model.shape.kv_dim() * elem;
+  DK_RETURN_IF_ERROR(CheckMemory(bound, "-c " + std::to_string(capacity) + ": a " + config.method +
+                                            " KV cache for " + std::to_string(capacity) + " tokens"));
   std::unique_ptr<KvCache> cache;
   DK_ASSIGN_OR_RETURN(cache, FindKvMethod(config.method)->create(config, model, capacity));
   if (config.evict.empty()) return cache;

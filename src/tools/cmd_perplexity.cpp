@@ -2,6 +2,7 @@
 #include <cstdio>
 
 #include "core/mapped_file.h"
+#include "core/memory.h"
 #include "core/progress.h"
 #include "core/threads.h"
 #include "eval/perplexity.h"
@@ -45,6 +46,17 @@ int CmdPerplexity(int argc, char** argv) {
   auto text = ReadWholeFile(text_file);
   if (!text.ok()) return Fail("perplexity", text.status());
   const std::vector<int32_t> tokens = m.tokenizer().Encode(*text, true);
+  // Checks that cost nothing come before anything is allocated for the run.
+  if (static_cast<int64_t>(tokens.size()) < 2LL * n_ctx)
+    return Fail("perplexity", InvalidArgument("-c " + std::to_string(n_ctx) + ": the text has " +
+                                              std::to_string(tokens.size()) + " tokens; at least 2 * n_ctx = " +
+                                              std::to_string(2LL * n_ctx) + " are needed (use a smaller -c)"));
+  if (n_ctx > m.config().n_ctx_train)
+    std::fprintf(stderr, "perplexity: warning: -c %d is above the model's training context (%d)\n", n_ctx,
+                 m.config().n_ctx_train);
+  const uint64_t logit_bytes = static_cast<uint64_t>(n_ctx) * m.config().n_vocab * 4 * (kl ? 2 : 1);
+  if (Status s = CheckMemory(logit_bytes, "-c " + std::to_string(n_ctx) + ": the logits of a chunk"); !s.ok())
+    return Fail("perplexity", s);
   const KvModelInfo info = ModelInfoFor(m, model_path);
   auto cache = CreateKvCache(kv, info, n_ctx);
   if (!cache.ok()) return CacheError("perplexity", p, cache.status());
