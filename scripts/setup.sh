@@ -7,7 +7,7 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 $SUDO apt-get update -qq
 $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
   g++ cmake ninja-build pkg-config libopenblas-dev liblapacke-dev \
-  libgtest-dev libgmock-dev googletest libbenchmark-dev nlohmann-json3-dev python3 python3-matplotlib >/dev/null
+  libgtest-dev libgmock-dev googletest libbenchmark-dev nlohmann-json3-dev python3 python3-matplotlib python3-numpy >/dev/null
 cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release
 cmake --build build -j"$(nproc)"
 echo "built: build/dynakv"
