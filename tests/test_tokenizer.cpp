@@ -254,6 +254,7 @@ std::string Mapped(const std::string& raw) {
 TokenizerData Gpt2Data(const std::vector<std::pair<std::string, std::string>>& merges) {
   TokenizerData d;
   d.model = "gpt2";
+  d.pre = "gpt-2";
   d.add_bos = false;
   for (int b = 0; b < 256; ++b) d.tokens.push_back(ByteChar(static_cast<unsigned char>(b)));
   for (const auto& [l, r] : merges) {

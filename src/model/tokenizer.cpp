@@ -1,10 +1,11 @@
 // Tokenizers matching llama.cpp (commit c392e509): llm_tokenizer_spm for "llama" and
-// llm_tokenizer_bpe with the GPT-2 pre-tokenizer for "gpt2". See tokenizer.h.
+// llm_tokenizer_bpe with the pre-tokenizer that tokenizer.ggml.pre names for "gpt2". See tokenizer.h.
 #include "model/tokenizer.h"
 
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <iterator>
 #include <queue>
 #include <string_view>
 #include <unordered_set>
@@ -80,11 +81,111 @@ CodeUnit NextCodePoint(std::string_view s, size_t pos) {
   return {cp, len, true};
 }
 
-// ---- Unicode classes for the GPT-2 pre-tokenizer ----
-// ASCII is classified exactly. Beyond ASCII this is an approximation of \p{L}, \p{N} and \s
-// (no Unicode tables): the listed whitespace, digit/number-form and punctuation/symbol/mark
-// blocks are classified as such, and every other code point counts as a letter.
-enum class CharClass { kLetter, kNumber, kSpace, kOther };
+// ---- Unicode classes ----
+// Generated from the Unicode Character Database 15.0.0 by scripts/gen_unicode_tables.py.
+#include "model/unicode_tables.inc"
+
+constexpr uint16_t kCategoryFlag[7] = {kUnicodeNumber, kUnicodeLetter,      kUnicodeSeparator, kUnicodeMark,
+                                       kUnicodePunctuation, kUnicodeSymbol, kUnicodeControl};
+
+uint16_t LookupFlags(uint32_t cp) {
+  if (cp > 0x10FFFF) return kUnicodeControl;
+  // Last run starting at or before cp.
+  const uint32_t* it = std::upper_bound(std::begin(kUnicodeRuns), std::end(kUnicodeRuns), (cp << 3) | 7u);
+  return kCategoryFlag[*(it - 1) & 7u];
+}
+
+// Flags of the Basic Multilingual Plane, built once; the rest by binary search.
+const std::array<uint16_t, 0x10000>& BmpFlags() {
+  static const auto* table = [] {
+    auto* t = new std::array<uint16_t, 0x10000>;
+    for (uint32_t cp = 0; cp < 0x10000; ++cp) (*t)[cp] = LookupFlags(cp);
+    for (const uint32_t cp : kUnicodeWhiteSpace) (*t)[cp] |= kUnicodeSpace;
+    return t;
+  }();
+  return *table;
+}
+
+// ---- Pre-tokenizers (llama.cpp's llm_tokenizer_bpe regex lists, by tokenizer.ggml.pre) ----
+//
+// llama.cpp runs each vocabulary's list of regexes in turn, each one over every piece the previous
+// one left (unicode_regex_split): a regex's matches become pieces, and so does the text between
+// them. Two regexes (GPT-2's and Llama-3's) have hand-written splitters there; the others run on
+// std::regex over a "collapsed" text in which every non-ASCII code point is one byte standing for
+// its class (\p{L}, \p{N}, \p{P}, whitespace or other), or, for regexes without \p{..}, on
+// std::wregex over the code points with non-ASCII whitespace replaced by U+000B. Each regex is
+// written out here as a scanner over code points with the same (ECMAScript, leftmost, greedy with
+// backtracking) semantics on those classes:
+//   \p{L}, \p{N}, \p{P}: the Unicode major categories (ASCII included: \p{P} is !"#%&'()*,-./:;?@[\]_{}),
+//   \s: White_Space (ASCII \t\n\v\f\r and space, U+0085, U+00A0, U+1680, U+2000-U+200A, ...),
+//   explicit ranges ([一-龥], [!-/...]): code point ranges, which non-ASCII whitespace never matches
+//   (std::wregex sees U+000B there).
+// Bytes that are not UTF-8 count as U+FFFD (a symbol), as llama.cpp reads them; they keep their
+// own bytes in the pieces, so splitting never changes the text.
+enum class Stage {
+  kGpt2,             // 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+  kLlama3,           // (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|
+                     //   ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+
+  kQwen2,            // the same with \p{N} instead of \p{N}{1,3}
+  kDefaultPunct,     // [\p{P}\$\+<=>\^~\|]+
+  kFalconPunct,      // [\p{P}\$\+<=>\^~\|`]+
+  kNumber,           // \p{N}
+  kNumbers,          // \p{N}+
+  kThreeDigits,      // [0-9][0-9][0-9]
+  kNewline,          // [\r\n]
+  kSpaceLetters,     // \s?\p{L}+
+  kSpacePunct,       // \s?\p{P}+
+  kCjk,              // [一-龥ࠀ-一가-퟿]+
+  kDeepseekLetters,  // \s?[A-Za-zµÀ-ÖØ-öø-ƺ...𞤀-𞥃]+ (deepseek-llm's list of cased-letter ranges)
+  kDeepseekPunct,    // \s?[!-/:-~！-／：-～‘-‟　-。]+
+  kTrailingSpace,    // \s+$
+  kBloom,            //  ?[^(\s|.,!?…。，、।۔،)]+
+};
+
+struct PreTokenizerDef {
+  std::vector<const char*> names;  // values of tokenizer.ggml.pre
+  std::vector<Stage> stages;
+  bool ignore_merges = false;      // a word that is a token is not merged (llama.cpp: llama3)
+  bool add_bos = false;            // default of tokenizer.ggml.add_bos_token
+};
+
+const std::vector<PreTokenizerDef>& PreTokenizerDefs() {
+  using S = Stage;
+  static const std::vector<PreTokenizerDef> defs = {
+      {{"default"}, {S::kDefaultPunct, S::kGpt2, S::kNumbers, S::kThreeDigits}},
+      {{"llama3", "llama-v3", "llama-bpe", "falcon3"}, {S::kLlama3}, true, true},
+      {{"dbrx", "smaug-bpe", "chatglm-bpe"}, {S::kLlama3}},
+      {{"deepseek-llm"},
+       {S::kNewline, S::kDeepseekLetters, S::kDeepseekPunct, S::kTrailingSpace, S::kCjk, S::kNumbers}},
+      {{"deepseek-coder"}, {S::kNewline, S::kSpaceLetters, S::kSpacePunct, S::kCjk, S::kNumber}},
+      {{"falcon"}, {S::kFalconPunct, S::kGpt2, S::kThreeDigits}},
+      {{"starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva-7b"}, {S::kNumber, S::kGpt2}},
+      {{"gpt-2", "mpt", "olmo", "jais", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v1-en", "jina-v2-es",
+        "jina-v2-de", "jina-v2-code", "roberta-bpe"},
+       {S::kGpt2}},
+      {{"qwen2", "stablelm2", "megrez"}, {S::kQwen2}},
+      {{"poro-chat", "bloom", "gpt3-finnish"}, {S::kBloom}},
+      {{"viking"}, {S::kBloom, S::kNumber}},
+  };
+  return defs;
+}
+
+const PreTokenizerDef* FindPreTokenizer(std::string_view name) {
+  for (const PreTokenizerDef& def : PreTokenizerDefs()) {
+    for (const char* n : def.names) {
+      if (name == n) return &def;
+    }
+  }
+  return nullptr;
+}
+
+std::string KnownPreTokenizerList() {
+  std::string out;
+  for (const PreTokenizerDef& def : PreTokenizerDefs()) {
+    for (const char* n : def.names) out += (out.empty() ? "" : ", ") + std::string(n);
+  }
+  return out;
+}
 
 bool InRanges(uint32_t cp, std::initializer_list<std::pair<uint32_t, uint32_t>> ranges) {
   for (const auto& [lo, hi] : ranges) {
@@ -93,100 +194,289 @@ bool InRanges(uint32_t cp, std::initializer_list<std::pair<uint32_t, uint32_t>> 
   return false;
 }
 
-CharClass Classify(uint32_t cp) {
-  if (cp < 0x80) {
-    if ((cp >= 'a' && cp <= 'z') || (cp >= 'A' && cp <= 'Z')) return CharClass::kLetter;
-    if (cp >= '0' && cp <= '9') return CharClass::kNumber;
-    if (cp == ' ' || (cp >= 0x09 && cp <= 0x0D)) return CharClass::kSpace;
-    return CharClass::kOther;
-  }
-  if (InRanges(cp, {{0x85, 0x85}, {0xA0, 0xA0}, {0x1680, 0x1680}, {0x2000, 0x200A},
-                    {0x2028, 0x2029}, {0x202F, 0x202F}, {0x205F, 0x205F}, {0x3000, 0x3000}})) {
-    return CharClass::kSpace;
-  }
-  if (InRanges(cp, {{0xB2, 0xB3}, {0xB9, 0xB9}, {0xBC, 0xBE},          // superscripts, fractions
-                    {0x0660, 0x0669}, {0x06F0, 0x06F9}, {0x07C0, 0x07C9},  // Arabic, NKo digits
-                    {0x0966, 0x096F}, {0x09E6, 0x09EF}, {0x0E50, 0x0E59},  // Devanagari, Bengali, Thai
-                    {0x2070, 0x2079}, {0x2080, 0x2089}, {0x2150, 0x2189},  // super/subscripts, number forms
-                    {0x2460, 0x249B}, {0x24EA, 0x24FF}, {0x2776, 0x2793},  // enclosed numbers
-                    {0x3007, 0x3007}, {0x3021, 0x3029}, {0xFF10, 0xFF19},  // CJK numerals, fullwidth digits
-                    {0x1D7CE, 0x1D7FF}})) {                              // mathematical digits
-    return CharClass::kNumber;
-  }
-  if ((cp >= 0x80 && cp <= 0xBF && cp != 0xAA && cp != 0xB5 && cp != 0xBA) || cp == 0xD7 ||
-      cp == 0xF7 ||
-      InRanges(cp, {{0x0300, 0x036F},                      // combining marks (\p{M} is not \p{L})
-                    {0x2010, 0x2027}, {0x2030, 0x205E}, {0x2060, 0x206F},  // general punctuation
-                    {0x20A0, 0x20FF},                      // currency, combining marks for symbols
-                    {0x2190, 0x245F}, {0x2500, 0x2775}, {0x2794, 0x2BFF},  // arrows, math, boxes, dingbats
-                    {0x2E00, 0x2E7F}, {0x3001, 0x3006}, {0x3008, 0x3020},  // CJK punctuation
-                    {0xFE00, 0xFE0F}, {0xFE30, 0xFE6F},                   // variation selectors, CJK forms
-                    {0xFF01, 0xFF0F}, {0xFF1A, 0xFF20}, {0xFF3B, 0xFF40}, {0xFF5B, 0xFF65},
-                    {0x1F000, 0x1FAFF}})) {                // emoji and pictographs
-    return CharClass::kOther;
-  }
-  return CharClass::kLetter;
+// deepseek-llm's letter class. llama.cpp's source spells a few bounds with the canonical
+// singletons U+1F7D, U+1FD3, U+1FDB, U+1FBE, U+2126 and U+212A (which NFC would fold into other
+// code points); these are the code points.
+bool IsDeepseekLetter(uint32_t cp) {
+  if (cp < 0x80) return (cp >= 'A' && cp <= 'Z') || (cp >= 'a' && cp <= 'z');
+  return InRanges(cp, {{0xB5, 0xB5}, {0xC0, 0xD6}, {0xD8, 0xF6}, {0xF8, 0x1BA}, {0x1BC, 0x1BF}, {0x1C4, 0x293},
+                       {0x295, 0x2AF}, {0x370, 0x373}, {0x376, 0x377}, {0x37B, 0x37D}, {0x37F, 0x37F},
+                       {0x386, 0x386}, {0x388, 0x38A}, {0x38C, 0x38C}, {0x38E, 0x3A1}, {0x3A3, 0x3F5},
+                       {0x3F7, 0x481}, {0x48A, 0x52F}, {0x531, 0x556}, {0x10A0, 0x10C5}, {0x13A0, 0x13F5},
+                       {0x13F8, 0x13FD}, {0x1C90, 0x1CBA}, {0x1CBD, 0x1CBF}, {0x1D00, 0x1D2B}, {0x1D6B, 0x1D77},
+                       {0x1D79, 0x1D9A}, {0x1E00, 0x1F15}, {0x1F18, 0x1F1D}, {0x1F20, 0x1F45}, {0x1F48, 0x1F4D},
+                       {0x1F50, 0x1F57}, {0x1F59, 0x1F59}, {0x1F5B, 0x1F5B}, {0x1F5D, 0x1F5D}, {0x1F5F, 0x1F7D},
+                       {0x1F80, 0x1FB4}, {0x1FB6, 0x1FBC}, {0x1FBE, 0x1FBE}, {0x1FC2, 0x1FC4}, {0x1FC6, 0x1FCC},
+                       {0x1FD0, 0x1FD3}, {0x1FD6, 0x1FDB}, {0x1FE0, 0x1FEC}, {0x1FF2, 0x1FF4}, {0x1FF6, 0x1FFC},
+                       {0x2102, 0x2102}, {0x2107, 0x2107}, {0x210A, 0x2113}, {0x2115, 0x2115}, {0x2119, 0x211D},
+                       {0x2124, 0x2124}, {0x2126, 0x2126}, {0x2128, 0x2128}, {0x212A, 0x212D}, {0x212F, 0x2134},
+                       {0x2139, 0x2139}, {0x213C, 0x213F}, {0x2145, 0x2149}, {0x214E, 0x214E}, {0x2183, 0x2184},
+                       {0x2C00, 0x2C7B}, {0x2C7E, 0x2CE4}, {0x2CEB, 0x2CEE}, {0x2CF2, 0x2CF3}, {0xA640, 0xA66D},
+                       {0xA680, 0xA69B}, {0xA722, 0xA76F}, {0xA771, 0xA787}, {0xA78B, 0xA78E}, {0xAB70, 0xABBF},
+                       {0xFB00, 0xFB06}, {0xFB13, 0xFB17}, {0xFF21, 0xFF3A}, {0xFF41, 0xFF5A}, {0x10400, 0x1044F},
+                       {0x104B0, 0x104D3}, {0x104D8, 0x104FB}, {0x10C80, 0x10CB2}, {0x10CC0, 0x10CF2},
+                       {0x118A0, 0x118DF}, {0x1E900, 0x1E943}});
 }
 
-// Splits text into GPT-2 pre-tokens (byte ranges) with the regex
-//   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
-// written out by hand as llama.cpp's unicode_regex_split_custom_gpt2 does.
-std::vector<std::string_view> SplitGpt2(std::string_view text) {
-  std::vector<uint32_t> cps;
-  std::vector<CharClass> cls;
-  std::vector<size_t> offs;  // byte offset of each code unit; offs.back() == text.size()
-  for (size_t pos = 0; pos < text.size();) {
-    const CodeUnit u = NextCodePoint(text, pos);
-    cps.push_back(u.valid ? u.cp : 0xFFFFFFFFu);
-    cls.push_back(u.valid ? Classify(u.cp) : CharClass::kOther);
-    offs.push_back(pos);
-    pos += u.len;
-  }
-  const size_t n = cps.size();
-  offs.push_back(text.size());
-  auto cp_at = [&](size_t i) { return i < n ? cps[i] : 0xFFFFFFFFu; };
-  auto is = [&](size_t i, CharClass c) { return i < n && cls[i] == c; };
+// The text as code points with their classes; offs[i] is the byte offset of code point i.
+struct CodePoints {
+  std::vector<uint32_t> cp;
+  std::vector<uint16_t> flags;
+  std::vector<size_t> offs;  // size() + 1 entries
 
+  explicit CodePoints(std::string_view text) {
+    cp.reserve(text.size());
+    flags.reserve(text.size());
+    offs.reserve(text.size() + 1);
+    for (size_t pos = 0; pos < text.size();) {
+      const CodeUnit u = NextCodePoint(text, pos);
+      const uint32_t c = u.valid ? u.cp : 0xFFFD;
+      cp.push_back(c);
+      flags.push_back(UnicodeFlags(c));
+      offs.push_back(pos);
+      pos += u.len;
+    }
+    offs.push_back(text.size());
+  }
+  size_t size() const { return cp.size(); }
+};
+
+// One regex (stage) over the piece [b, e) of the code points; appends the end of every piece it
+// cuts, the last one being e.
+class StageSplitter {
+ public:
+  StageSplitter(const CodePoints& t, size_t b, size_t e, std::vector<size_t>& ends)
+      : t_(t), b_(b), e_(e), last_(b), ends_(ends) {}
+
+  void Run(Stage stage) {
+    switch (stage) {
+      case Stage::kGpt2: Gpt2(); break;
+      case Stage::kLlama3: Llama3(3); break;
+      case Stage::kQwen2: Llama3(1); break;
+      default: Search(stage); break;
+    }
+    Emit(e_);
+  }
+
+ private:
+  // Flags of position i, 0 past the piece (llama.cpp's splitters see nothing there).
+  uint16_t F(size_t i) const { return i < e_ ? t_.flags[i] : 0; }
+  uint32_t C(size_t i) const { return i < e_ ? t_.cp[i] : 0xFFFFFFFFu; }
+  bool Is(size_t i, uint16_t flag) const { return (F(i) & flag) != 0; }
+  bool Space(size_t i) const { return Is(i, kUnicodeSpace); }
+  bool Letter(size_t i) const { return Is(i, kUnicodeLetter); }
+  bool Number(size_t i) const { return Is(i, kUnicodeNumber); }
+  // [^\s\p{L}\p{N}]
+  bool Other(size_t i) const { return i < e_ && !Is(i, kUnicodeSpace | kUnicodeLetter | kUnicodeNumber); }
+  bool CrLf(size_t i) const { return C(i) == '\r' || C(i) == '\n'; }
+  // The code point std::wregex sees: non-ASCII whitespace is U+000B there.
+  uint32_t W(size_t i) const { return (C(i) >= 0x80 && Space(i)) ? 0x0B : C(i); }
+
+  void Emit(size_t end) {
+    if (end > last_) {
+      ends_.push_back(end);
+      last_ = end;
+    }
+  }
+
+  // 's|'t|'re|'ve|'m|'ll|'d (ASCII letters; with `fold` either case: no other code point
+  // lowercases to one of these letters). Returns the end, or pos when there is none.
+  size_t Contraction(size_t pos, bool fold) const {
+    if (C(pos) != '\'' || pos + 1 >= e_) return pos;
+    auto low = [&](size_t i) {
+      const uint32_t c = C(i);
+      return (fold && c >= 'A' && c <= 'Z') ? c + 32 : c;
+    };
+    const uint32_t c1 = low(pos + 1);
+    if (c1 == 's' || c1 == 't' || c1 == 'm' || c1 == 'd') return pos + 2;
+    if (pos + 2 >= e_) return pos;
+    const uint32_t c2 = low(pos + 2);
+    if ((c1 == 'r' && c2 == 'e') || (c1 == 'v' && c2 == 'e') || (c1 == 'l' && c2 == 'l')) return pos + 3;
+    return pos;
+  }
+
+  // Trailing whitespace rule shared by GPT-2 and Llama-3: \s+(?!\S) leaves the last whitespace
+  // character of a run to the word after it; \s+ takes a run at the end of the piece.
+  size_t SpaceRun(size_t pos) const {
+    size_t n = 0;
+    while (Space(pos + n)) ++n;
+    if (n > 1 && pos + n < e_) return pos + n - 1;
+    return pos + std::max<size_t>(n, 1);  // (n == 0 cannot happen: every code point has a class)
+  }
+
+  void Gpt2() {
+    for (size_t pos = b_; pos < e_;) {
+      if (const size_t end = Contraction(pos, false); end != pos) {
+        Emit(pos = end);
+        continue;
+      }
+      const size_t head = C(pos) == ' ' ? pos + 1 : pos;  // " ?"
+      if (Letter(head) || Number(head)) {
+        const uint16_t run = F(head) & (kUnicodeLetter | kUnicodeNumber);
+        for (pos = head; Is(pos, run);) ++pos;
+        Emit(pos);
+        continue;
+      }
+      if (Other(head)) {
+        for (pos = head; Other(pos);) ++pos;
+        Emit(pos);
+        continue;
+      }
+      Emit(pos = SpaceRun(pos));
+    }
+  }
+
+  void Llama3(size_t max_digits) {
+    for (size_t pos = b_; pos < e_;) {
+      if (const size_t end = Contraction(pos, true); end != pos) {
+        Emit(pos = end);
+        continue;
+      }
+      // [^\r\n\p{L}\p{N}]?\p{L}+
+      if (!CrLf(pos) && !Number(pos) && (Letter(pos) || Letter(pos + 1))) {
+        for (++pos; Letter(pos);) ++pos;
+        Emit(pos);
+        continue;
+      }
+      // \p{N}{1,3} (Llama-3) or \p{N} (Qwen2)
+      if (Number(pos)) {
+        const size_t start = pos;
+        while (Number(pos) && pos - start < max_digits) ++pos;
+        Emit(pos);
+        continue;
+      }
+      // " ?[^\s\p{L}\p{N}]+[\r\n]*"
+      const size_t head = C(pos) == ' ' ? pos + 1 : pos;
+      if (Other(head)) {
+        for (pos = head; Other(pos);) ++pos;
+        while (CrLf(pos)) ++pos;
+        Emit(pos);
+        continue;
+      }
+      // \s*[\r\n]+: whitespace up to and including its last \r or \n
+      size_t n = 0, crlf_end = 0;
+      for (; Space(pos + n); ++n) {
+        if (CrLf(pos + n)) crlf_end = pos + n + 1;
+      }
+      if (crlf_end != 0) {
+        Emit(pos = crlf_end);
+        continue;
+      }
+      Emit(pos = SpaceRun(pos));
+    }
+  }
+
+  // End of the match of `stage` starting at pos, or pos when there is none.
+  size_t MatchAt(Stage stage, size_t pos) const {
+    // "X+" and "\s?X+" for a class X.
+    auto run = [&](auto&& in_class, bool optional_space) {
+      size_t i = pos;
+      if (optional_space && Space(i) && in_class(i + 1)) ++i;
+      while (in_class(i)) ++i;
+      return i;
+    };
+    switch (stage) {
+      case Stage::kDefaultPunct:
+      case Stage::kFalconPunct:
+        return run([&](size_t i) {
+          if (Is(i, kUnicodePunctuation)) return true;
+          const uint32_t c = C(i);
+          return c == '$' || c == '+' || c == '<' || c == '=' || c == '>' || c == '^' || c == '~' || c == '|' ||
+                 (c == '`' && stage == Stage::kFalconPunct);
+        }, false);
+      case Stage::kNumber:
+        return Number(pos) ? pos + 1 : pos;
+      case Stage::kNumbers:
+        return run([&](size_t i) { return Number(i); }, false);
+      case Stage::kThreeDigits: {
+        auto digit = [&](size_t i) { return C(i) >= '0' && C(i) <= '9'; };
+        return digit(pos) && digit(pos + 1) && digit(pos + 2) ? pos + 3 : pos;
+      }
+      case Stage::kNewline:
+        return CrLf(pos) ? pos + 1 : pos;
+      case Stage::kSpaceLetters:
+        return run([&](size_t i) { return Letter(i); }, true);
+      case Stage::kSpacePunct:
+        return run([&](size_t i) { return Is(i, kUnicodePunctuation); }, true);
+      case Stage::kCjk:
+        return run([&](size_t i) {
+          const uint32_t c = W(i);
+          return (c >= 0x4E00 && c <= 0x9FA5) || (c >= 0x0800 && c <= 0x4E00) || (c >= 0xAC00 && c <= 0xD7FF);
+        }, false);
+      case Stage::kDeepseekLetters:
+        return run([&](size_t i) { return i < e_ && IsDeepseekLetter(W(i)); }, true);
+      case Stage::kDeepseekPunct:
+        return run([&](size_t i) {
+          const uint32_t c = W(i);
+          return (c >= 0x21 && c <= 0x2F) || (c >= 0x3A && c <= 0x7E) || (c >= 0xFF01 && c <= 0xFF0F) ||
+                 (c >= 0xFF1A && c <= 0xFF5E) || (c >= 0x2018 && c <= 0x201F) || (c >= 0x3000 && c <= 0x3002);
+        }, true);
+      case Stage::kTrailingSpace: {
+        size_t i = pos;
+        while (Space(i)) ++i;
+        return i == e_ ? i : pos;  // $: only a run that reaches the end of the piece
+      }
+      case Stage::kBloom: {
+        auto in_class = [&](size_t i) {
+          if (i >= e_ || Space(i)) return false;
+          const uint32_t c = W(i);
+          return !(c == '(' || c == '|' || c == '.' || c == ',' || c == '!' || c == '?' || c == ')' ||
+                   c == 0x2026 || c == 0x3002 || c == 0xFF0C || c == 0x3001 || c == 0x0964 || c == 0x06D4 ||
+                   c == 0x060C);
+        };
+        size_t i = pos;
+        if (C(i) == ' ' && in_class(i + 1)) ++i;
+        while (in_class(i)) ++i;
+        return i;
+      }
+      case Stage::kGpt2:
+      case Stage::kLlama3:
+      case Stage::kQwen2:
+        break;
+    }
+    return pos;
+  }
+
+  // std::regex_iterator: the leftmost match, then on from its end; the text between matches is
+  // a piece of its own.
+  void Search(Stage stage) {
+    for (size_t pos = b_; pos < e_;) {
+      const size_t end = MatchAt(stage, pos);
+      if (end == pos) {
+        ++pos;
+        continue;
+      }
+      Emit(pos);
+      Emit(pos = end);
+    }
+  }
+
+  const CodePoints& t_;
+  const size_t b_, e_;
+  size_t last_;
+  std::vector<size_t>& ends_;
+};
+
+// Splits text into pre-tokens (byte ranges of text) with the stages of one pre-tokenizer.
+std::vector<std::string_view> PreTokenizeWith(const PreTokenizerDef& def, std::string_view text) {
+  const CodePoints t(text);
+  std::vector<size_t> ends = {t.size()}, next;
+  if (t.size() == 0) ends.clear();
+  for (const Stage stage : def.stages) {
+    next.clear();
+    size_t b = 0;
+    for (const size_t e : ends) {
+      StageSplitter(t, b, e, next).Run(stage);
+      b = e;
+    }
+    std::swap(ends, next);
+  }
   std::vector<std::string_view> words;
-  size_t start = 0;
-  auto emit = [&](size_t end) {
-    if (end > start) words.push_back(text.substr(offs[start], offs[end] - offs[start]));
-    start = end;
-  };
-  for (size_t pos = 0; pos < n;) {
-    const uint32_t c = cps[pos];
-    if (c == '\'' && pos + 1 < n) {  // contractions
-      const uint32_t c1 = cp_at(pos + 1);
-      if (c1 == 's' || c1 == 't' || c1 == 'm' || c1 == 'd') {
-        pos += 2;
-        emit(pos);
-        continue;
-      }
-      const uint32_t c2 = cp_at(pos + 2);
-      if ((c1 == 'r' && c2 == 'e') || (c1 == 'v' && c2 == 'e') || (c1 == 'l' && c2 == 'l')) {
-        pos += 3;
-        emit(pos);
-        continue;
-      }
-    }
-    // " ?X+" for letters, numbers, and everything else that is not whitespace.
-    const size_t head = (c == ' ') ? pos + 1 : pos;
-    if (head < n && cls[head] != CharClass::kSpace) {
-      const CharClass run = cls[head];
-      pos = head;
-      while (is(pos, run)) ++pos;
-      emit(pos);
-      continue;
-    }
-    size_t spaces = 0;
-    while (is(pos + spaces, CharClass::kSpace)) ++spaces;
-    if (spaces > 1 && pos + spaces < n) {  // \s+(?!\S): leave the last space to the next word
-      pos += spaces - 1;
-      emit(pos);
-      continue;
-    }
-    pos += std::max<size_t>(spaces, 1);
-    emit(pos);
+  words.reserve(ends.size());
+  size_t b = 0;
+  for (const size_t e : ends) {
+    words.push_back(text.substr(t.offs[b], t.offs[e] - t.offs[b]));
+    b = e;
   }
   return words;
 }
@@ -224,9 +514,12 @@ bool IsEogText(const std::string& t) {
 
 }  // namespace
 
+uint16_t UnicodeFlags(uint32_t cp) { return cp < 0x10000 ? BmpFlags()[cp] : LookupFlags(cp); }
+
 struct Tokenizer::Impl {
   TokenizerData data;
   bool is_llama = true;
+  const PreTokenizerDef* pre = nullptr;  // gpt2
   std::unordered_map<std::string_view, int32_t> token_to_id;  // views into data.tokens
   std::array<int32_t, 256> byte_token{};                      // llama byte fallback per byte
   std::vector<int32_t> user_defined;                          // longest text first
@@ -324,6 +617,12 @@ void Tokenizer::Impl::EncodeSpm(const std::string& text, std::vector<int32_t>& o
 void Tokenizer::Impl::EncodeBpeWord(std::string_view word, std::vector<int32_t>& out) const {
   std::string mapped;
   for (const char c : word) mapped += byte_to_unicode[static_cast<unsigned char>(c)];
+  if (pre->ignore_merges) {  // llama.cpp's ignore_merges (Llama-3): a word that is a token stays whole
+    if (const int32_t id = Lookup(mapped); id >= 0) {
+      out.push_back(id);
+      return;
+    }
+  }
 
   struct Symbol {
     int32_t prev, next;
@@ -418,9 +717,19 @@ StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromData(TokenizerData data) {
     }
   }
 
+  const PreTokenizerDef* pre = nullptr;
+  if (!is_llama) {
+    pre = FindPreTokenizer(data.pre.empty() ? "default" : data.pre);
+    if (pre == nullptr) {
+      return Unimplemented("tokenizer.ggml.pre: unknown pre-tokenizer '" + data.pre + "' (known: " +
+                           KnownPreTokenizerList() + ")");
+    }
+  }
+
   auto impl = std::make_unique<Impl>();
   impl->data = std::move(data);
   impl->is_llama = is_llama;
+  impl->pre = pre;
   const TokenizerData& d = impl->data;
   impl->token_to_id.reserve(n);
   for (size_t i = 0; i < n; ++i) impl->token_to_id[d.tokens[i]] = static_cast<int32_t>(i);  // last wins, as llama.cpp
@@ -493,15 +802,20 @@ StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromGguf(const GgufFile& gguf) {
   if (gguf.Find("tokenizer.ggml.token_type") != nullptr) {
     DK_ASSIGN_OR_RETURN(d.types, gguf.GetIntArray("tokenizer.ggml.token_type"));
   }
+  bool pre_add_bos = false;  // llama.cpp: llama3 vocabularies add BOS unless the file says otherwise
   if (!is_llama) {
     DK_ASSIGN_OR_RETURN(d.merges, gguf.GetStringArray("tokenizer.ggml.merges"));
-    if (const GgufValue* pre = gguf.Find("tokenizer.ggml.pre"); pre != nullptr) {
-      DK_ASSIGN_OR_RETURN(std::string pre_name, gguf.GetString("tokenizer.ggml.pre"));
-      if (pre_name != "gpt-2" && pre_name != "gpt2") {
-        return Unimplemented(gguf.path() + ": tokenizer.ggml.pre: pre-tokenizer '" + pre_name +
-                             "' is not supported (only the GPT-2 regex is implemented)");
-      }
+    // Absent: llama.cpp's "default" pre-tokenizer (with a warning there).
+    if (gguf.Find("tokenizer.ggml.pre") != nullptr) {
+      DK_ASSIGN_OR_RETURN(d.pre, gguf.GetString("tokenizer.ggml.pre"));
+      if (d.pre.empty()) d.pre = "default";
     }
+    const PreTokenizerDef* pre = FindPreTokenizer(d.pre.empty() ? "default" : d.pre);
+    if (pre == nullptr) {
+      return Unimplemented(gguf.path() + ": tokenizer.ggml.pre: unknown pre-tokenizer '" + d.pre +
+                           "' (known: " + KnownPreTokenizerList() + ")");
+    }
+    pre_add_bos = pre->add_bos;
   }
   // Special ids: llama.cpp defaults for "llama" are bos=1, eos=2, unk=0 (when the vocabulary is
   // that large); 0xFFFFFFFF means none.
@@ -525,7 +839,7 @@ StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromGguf(const GgufFile& gguf) {
   int32_t eot_id = -1, eom_id = -1;
   DK_RETURN_IF_ERROR(read_id("tokenizer.ggml.eot_token_id", -1, &eot_id));
   DK_RETURN_IF_ERROR(read_id("tokenizer.ggml.eom_token_id", -1, &eom_id));
-  DK_ASSIGN_OR_RETURN(d.add_bos, gguf.GetBoolOr("tokenizer.ggml.add_bos_token", is_llama));
+  DK_ASSIGN_OR_RETURN(d.add_bos, gguf.GetBoolOr("tokenizer.ggml.add_bos_token", is_llama || pre_add_bos));
   DK_ASSIGN_OR_RETURN(d.add_eos, gguf.GetBoolOr("tokenizer.ggml.add_eos_token", false));
   DK_ASSIGN_OR_RETURN(d.add_space_prefix, gguf.GetBoolOr("tokenizer.ggml.add_space_prefix", is_llama));
 
@@ -583,7 +897,7 @@ std::vector<int32_t> Tokenizer::Encode(const std::string& text, bool add_special
       ReplaceAll(piece, " ", kSpaceMarker);
       m.EncodeSpm(piece, out);
     } else {
-      for (const std::string_view word : SplitGpt2(std::string_view(text).substr(f.start, f.len))) {
+      for (const std::string_view word : PreTokenizeWith(*m.pre, std::string_view(text).substr(f.start, f.len))) {
         m.EncodeBpeWord(word, out);
       }
     }
@@ -631,6 +945,21 @@ std::string Tokenizer::TokenToPiece(int32_t id) const {
       return "";
   }
   return "";
+}
+
+std::vector<std::string> Tokenizer::PreTokenize(const std::string& text) const {
+  if (impl_->is_llama) return {text};
+  std::vector<std::string> out;
+  for (const std::string_view word : PreTokenizeWith(*impl_->pre, text)) out.emplace_back(word);
+  return out;
+}
+
+std::vector<std::string> Tokenizer::KnownPreTokenizers() {
+  std::vector<std::string> out;
+  for (const PreTokenizerDef& def : PreTokenizerDefs()) {
+    for (const char* n : def.names) out.emplace_back(n);
+  }
+  return out;
 }
 
 std::string Tokenizer::Decode(const std::vector<int32_t>& ids) const {

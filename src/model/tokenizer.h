@@ -1,7 +1,10 @@
 // Tokenizers built from GGUF metadata, matching llama.cpp's behaviour:
 //  - "llama": SentencePiece-style BPE over scores with byte fallback (<0xXX> tokens),
 //    a "▁" space prefix and spaces replaced by "▁" (llm_tokenizer_spm in llama.cpp).
-//  - "gpt2": byte-level BPE with merges and GPT-2 style pre-tokenization.
+//  - "gpt2": byte-level BPE with merges (llm_tokenizer_bpe), after the pre-tokenizer that
+//    tokenizer.ggml.pre names (llama.cpp's regex list for that name, written out as scanners over
+//    code points with Unicode 15.0 category tables: gpt-2, llama3 / llama-bpe, qwen2, falcon,
+//    mpt, starcoder, refact, deepseek-coder, deepseek-llm, ...; KnownPreTokenizers() lists them).
 #pragma once
 
 #include <cstdint>
@@ -16,6 +19,15 @@ namespace dk {
 
 class GgufFile;
 
+// Unicode properties of a code point (Unicode 15.0): its major general category as one bit
+// (\p{N}, \p{L}, \p{Z}, \p{M}, \p{P}, \p{S}, \p{C}; unassigned code points are C), plus
+// kUnicodeSpace for White_Space (what \s matches). As llama.cpp's unicode_cpt_flags.
+enum UnicodeFlag : uint16_t {
+  kUnicodeNumber = 0x02, kUnicodeLetter = 0x04, kUnicodeSeparator = 0x08, kUnicodeMark = 0x10,
+  kUnicodePunctuation = 0x20, kUnicodeSymbol = 0x40, kUnicodeControl = 0x80, kUnicodeSpace = 0x100,
+};
+uint16_t UnicodeFlags(uint32_t cp);
+
 // Token types as in tokenizer.ggml.token_type.
 enum class TokenType : int32_t {
   kUndefined = 0, kNormal = 1, kUnknown = 2, kControl = 3, kUserDefined = 4, kUnused = 5, kByte = 6,
@@ -28,6 +40,8 @@ struct TokenizerData {
   std::vector<float> scores;         // may be empty for gpt2
   std::vector<int32_t> types;        // may be empty (all normal)
   std::vector<std::string> merges;   // gpt2 only: "a b" lines, by priority
+  // gpt2 only: tokenizer.ggml.pre; empty (the key is absent) means llama.cpp's "default".
+  std::string pre;
   int32_t bos_id = -1;
   int32_t eos_id = -1;
   int32_t unk_id = -1;
@@ -49,6 +63,11 @@ class Tokenizer {
   std::vector<int32_t> Encode(const std::string& text, bool add_special) const;
   // Text of one token as printed (▁ -> space, <0xXX> -> the byte, control tokens -> their text, e.g. "<s>").
   std::string TokenToPiece(int32_t id) const;
+  // The pieces the pre-tokenizer cuts raw text into before BPE (gpt2 vocabularies; the whole text
+  // as one piece for the others). User-defined tokens are not split out here.
+  std::vector<std::string> PreTokenize(const std::string& text) const;
+  // The values of tokenizer.ggml.pre that gpt2 vocabularies may name, as llama.cpp spells them.
+  static std::vector<std::string> KnownPreTokenizers();
   // Decodes a sequence (byte tokens joined into UTF-8; no leading-space stripping).
   std::string Decode(const std::vector<int32_t>& ids) const;
 
