@@ -482,7 +482,7 @@ StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromGguf(const GgufFile& gguf) {
   DK_ASSIGN_OR_RETURN(d.model, gguf.GetString("tokenizer.ggml.model"));
   const bool is_llama = d.model == "llama";
   if (!is_llama && d.model != "gpt2") {
-    return Unimplemented(gguf.path() + ": tokenizer.ggml.model: unsupported tokenizer model '" + d.model +
+    return Unimplemented(gguf.path() + ": tokenizer.ggml.model: unsupported tokenizer model '" + Printable(d.model) +
                          "' (supported: llama, gpt2)");
   }
   DK_ASSIGN_OR_RETURN(d.tokens, gguf.GetStringArray("tokenizer.ggml.tokens"));
@@ -498,7 +498,7 @@ StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromGguf(const GgufFile& gguf) {
     if (const GgufValue* pre = gguf.Find("tokenizer.ggml.pre"); pre != nullptr) {
       DK_ASSIGN_OR_RETURN(std::string pre_name, gguf.GetString("tokenizer.ggml.pre"));
       if (pre_name != "gpt-2" && pre_name != "gpt2") {
-        return Unimplemented(gguf.path() + ": tokenizer.ggml.pre: pre-tokenizer '" + pre_name +
+        return Unimplemented(gguf.path() + ": tokenizer.ggml.pre: pre-tokenizer '" + Printable(pre_name) +
                              "' is not supported (only the GPT-2 regex is implemented)");
       }
     }
