@@ -240,6 +240,14 @@ TEST(ServeE2E, HttpErrorsAreOpenAiShaped) {
   EXPECT_EQ(ErrorOf(long_prompt)["param"], "prompt");
   EXPECT_EQ(ErrorOf(long_prompt)["code"], "context_length_exceeded");
   httplib::Client c("127.0.0.1", server.port());
+  auto models = c.Get("/v1/models");
+  ASSERT_TRUE(models);
+  EXPECT_EQ(models->status, 200);
+  const json list = json::parse(models->body, nullptr, false);
+  EXPECT_EQ(list["object"], "list");
+  EXPECT_EQ(list["data"][0]["id"], "brown-kjv-llama-6M-v2-f16.gguf");
+  EXPECT_TRUE(list["data"][0]["meta"]["chat_template"].is_null());
+  EXPECT_EQ(list["data"][0]["meta"]["n_ctx"], 64);
   auto missing = c.Get("/v1/nothing");
   ASSERT_TRUE(missing);
   EXPECT_EQ(missing->status, 404);

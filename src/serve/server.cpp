@@ -247,11 +247,9 @@ void Server::Impl::Metrics(httplib::Response& res) const {
 
 void Server::Impl::Models(httplib::Response& res) const {
   if (state.load() != State::kReady) return Send(res, *Admission());
-  const json meta = {{"n_ctx", opt.n_ctx},
-                     {"n_slots", opt.n_slots},
-                     {"kv", kv_desc},
-                     {"n_vocab", model->config().n_vocab},
-                     {"chat_template", chat ? ChatFamilyName(chat->family) : nullptr}};
+  json meta = {{"n_ctx", opt.n_ctx}, {"n_slots", opt.n_slots}, {"kv", kv_desc}, {"n_vocab", model->config().n_vocab},
+               {"chat_template", nullptr}};
+  if (chat) meta["chat_template"] = ChatFamilyName(chat->family);
   const json m = {{"id", model_id}, {"object", "model"}, {"created", created}, {"owned_by", "dynakv"}, {"meta", meta}};
   res.set_content(DumpJson(json{{"object", "list"}, {"data", json::array({m})}}), "application/json");
 }

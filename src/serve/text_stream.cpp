@@ -20,6 +20,7 @@ size_t IncompleteUtf8Tail(const std::string& s) {
 size_t TextStream::HoldBack() const {
   size_t hold = IncompleteUtf8Tail(pending_);
   for (const std::string& stop : stops_) {
+    if (stop.empty()) continue;
     // Longest proper prefix of the stop string that pending_ ends with.
     for (size_t k = std::min(stop.size() - 1, pending_.size()); k > hold; --k) {
       if (pending_.compare(pending_.size() - k, k, stop, 0, k) == 0) {
@@ -35,7 +36,9 @@ std::string TextStream::Push(const std::string& piece) {
   if (stopped_) return "";
   pending_ += piece;
   size_t first = std::string::npos;
-  for (const std::string& stop : stops_) first = std::min(first, pending_.find(stop));
+  for (const std::string& stop : stops_) {
+    if (!stop.empty()) first = std::min(first, pending_.find(stop));
+  }
   if (first != std::string::npos) {
     stopped_ = true;
     std::string out = pending_.substr(0, first);
