@@ -38,5 +38,6 @@ int CmdRankmap(int argc, char** argv);
 int CmdEval(int argc, char** argv);
 int CmdExportProfile(int argc, char** argv);
 int CmdPasskey(int argc, char** argv);
+int CmdServe(int argc, char** argv);
 
 }  // namespace dk::cli
