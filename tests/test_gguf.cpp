@@ -922,5 +922,61 @@ TEST(GgufMalformed, DataSectionPastEndOfFileIsRejected) {
   EXPECT_THAT(ExpectRejected(b), HasSubstr("data section"));
 }
 
+// ---- the in-memory entry point (the fuzz target fuzz/fuzz_gguf.cpp reads through it) ----
+
+std::string Replaced(std::string s, const std::string& from, const std::string& to) {
+  for (size_t at = 0; (at = s.find(from, at)) != std::string::npos; at += to.size()) s.replace(at, from.size(), to);
+  return s;
+}
+
+TEST(GgufBuffer, OpenBufferReadsWhatOpenReads) {
+  GgufLayout lay;
+  const std::vector<uint8_t> bytes = SmallValidFile(&lay);
+  Opened o = OpenBytes(bytes);
+  ASSERT_TRUE(o.file.ok()) << o.file.status().ToString();
+  auto m = GgufFile::OpenBuffer(bytes.data(), bytes.size(), "mem.gguf");
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  const GgufFile& a = *o.file.value();
+  const GgufFile& b = *m.value();
+  EXPECT_EQ(b.path(), "mem.gguf");
+  EXPECT_EQ(b.file_size(), bytes.size());
+  EXPECT_EQ(b.version(), a.version());
+  EXPECT_EQ(b.alignment(), a.alignment());
+  ASSERT_EQ(b.metadata().size(), a.metadata().size());
+  for (size_t i = 0; i < a.metadata().size(); ++i) {
+    EXPECT_EQ(b.metadata()[i].first, a.metadata()[i].first);
+    EXPECT_EQ(b.metadata()[i].second.type, a.metadata()[i].second.type);
+  }
+  EXPECT_EQ(b.GetString("general.architecture").value(), a.GetString("general.architecture").value());
+  ASSERT_EQ(b.tensors().size(), a.tensors().size());
+  for (size_t i = 0; i < a.tensors().size(); ++i) {
+    const GgufTensorInfo& ta = a.tensors()[i];
+    const GgufTensorInfo& tb = b.tensors()[i];
+    EXPECT_EQ(tb.name, ta.name);
+    EXPECT_EQ(tb.dims, ta.dims);
+    EXPECT_EQ(tb.type, ta.type);
+    EXPECT_EQ(tb.nbytes, ta.nbytes);
+    EXPECT_EQ(tb.data, bytes.data() + lay.tensor_data[i]) << "tensor data points into the caller's buffer";
+    EXPECT_EQ(ReadF32(b, tb.name), ReadF32(a, ta.name));
+  }
+}
+
+TEST(GgufBuffer, OpenBufferRejectsWhatOpenRejectsWithTheSameMessage) {
+  const std::vector<uint8_t> bytes = SmallValidFile();
+  for (size_t cut = 0; cut < bytes.size(); cut += 3) {
+    const std::vector<uint8_t> head(bytes.begin(), bytes.begin() + static_cast<std::ptrdiff_t>(cut));
+    Opened o = OpenBytes(head, "cut.gguf");
+    auto m = GgufFile::OpenBuffer(head.data(), head.size(), "mem.gguf");
+    ASSERT_FALSE(o.file.ok()) << cut;
+    ASSERT_FALSE(m.ok()) << "cut at " << cut << " accepted";
+    EXPECT_EQ(m.status().code(), o.file.status().code()) << cut;
+    EXPECT_EQ(m.status().message(), Replaced(o.file.status().message(), o.path, "mem.gguf")) << cut;
+  }
+  auto empty = GgufFile::OpenBuffer(nullptr, 0, "empty.gguf");
+  ASSERT_FALSE(empty.ok());
+  EXPECT_EQ(empty.status().code(), Code::kCorrupt);
+  EXPECT_THAT(empty.status().message(), HasSubstr("empty.gguf: file is 0 bytes"));
+}
+
 }  // namespace
 }  // namespace dk

@@ -1,5 +1,6 @@
 // One conformance suite for every registered KV method and every eviction wrapper over every storage
-// method (the registry's list, so a new method is tested the moment it is registered): appending,
+// method (the registry's list, so a new method is tested the moment it is registered; Variants()
+// adds further flag sets of a storage method, under every wrapper too): appending,
 // attention against a double-precision reference on what the cache stores, attention weights,
 // byte accounting, retention, clearing, and refusing what does not fit.
 #include <gmock/gmock.h>
@@ -72,22 +73,53 @@ std::map<std::string, std::map<std::string, std::string>> Flags() {
       {"snapkv", {{"--evict-keep", "0.5"}, {"--snapkv-window", "4"}, {"--snapkv-pool", "3"}}},
       {"streamingllm", {{"--evict-keep", "0.5"}, {"--sinks", "2"}}},
       {"h2o", {{"--evict-keep", "0.5"}}},
+      {"q8_0", {}},
+      {"q4_0", {}},
+      // Groups of 8 fill within the suite's batches (13, 1, 1, 9 tokens). A filled group takes less
+      // room than its tokens did in the fp16 residual (at 4 bits, 16 bytes per channel for 8 tokens'
+      // keys and values, against 32), yet the bytes still grow with every batch, as step 1 checks:
+      // 36, 40, 44, 48 x D after the four batches.
+      {"kivi", {{"--kivi-bits", "4"}, {"--kivi-group", "8"}}},
+  };
+}
+
+// Further flag sets of storage methods, run through the same suite, alone and under every wrapper:
+// the rotated layouts, and 2-bit KIVI with a residual of two groups (groups of 4 at 2 bits: bytes
+// after the batches 40, 44, 48, 60 x D, still growing).
+struct Variant {
+  std::string label, method;
+  std::map<std::string, std::string> flags;
+};
+
+std::vector<Variant> Variants() {
+  return {
+      {"q8_0_hadamard", "q8_0", {{"--hadamard", "1"}}},
+      {"q4_0_hadamard", "q4_0", {{"--hadamard", "1"}}},
+      {"kivi_2bit_hadamard",
+       "kivi",
+       {{"--kivi-bits", "2"}, {"--kivi-group", "4"}, {"--kivi-residual", "8"}, {"--hadamard", "1"}}},
   };
 }
 
 struct Combo {
   std::string storage, wrapper;
-  std::string Name() const { return storage + (wrapper.empty() ? "" : "+" + wrapper); }
+  std::string variant;  // a label of Variants(), or empty: the method's Flags()
+  std::string Name() const { return (variant.empty() ? storage : variant) + (wrapper.empty() ? "" : "+" + wrapper); }
 };
+
+// Names the combination in gtest's messages (instead of the struct's bytes).
+void PrintTo(const Combo& c, std::ostream* os) { *os << c.Name(); }
 
 std::vector<Combo> AllCombos() {
   std::vector<Combo> combos;
-  for (const KvMethod* m : KvMethods()) {
-    if (m->is_wrapper()) continue;
-    combos.push_back({m->name, ""});
+  auto add = [&](const std::string& storage, const std::string& variant) {
+    combos.push_back({storage, "", variant});
     for (const KvMethod* w : KvMethods())
-      if (w->is_wrapper()) combos.push_back({m->name, w->name});
-  }
+      if (w->is_wrapper()) combos.push_back({storage, w->name, variant});
+  };
+  for (const KvMethod* m : KvMethods())
+    if (!m->is_wrapper()) add(m->name, "");
+  for (const Variant& v : Variants()) add(v.method, v.label);
   return combos;
 }
 
@@ -95,7 +127,9 @@ StatusOr<std::unique_ptr<KvCache>> Make(const Combo& c, int capacity = kCapacity
   KvConfig config;
   config.method = c.storage;
   config.evict = c.wrapper;
-  const auto flags = Flags();
+  auto flags = Flags();
+  for (const Variant& v : Variants())
+    if (v.label == c.variant) flags[c.storage] = v.flags;
   for (const std::string& m : {c.storage, c.wrapper}) {
     if (m.empty()) continue;
     auto it = flags.find(m);
@@ -103,6 +137,30 @@ StatusOr<std::unique_ptr<KvCache>> Make(const Combo& c, int capacity = kCapacity
     for (const auto& [flag, value] : it->second) config.Set(flag, value);
   }
   return CreateKvCache(config, KvModelInfo{kShape, kFingerprint, "conformance-model"}, capacity);
+}
+
+// How far a kept row may move when the storage keeps it. Every storage method keeps its rows bit for
+// bit, except KIVI: its key groups span tokens, so retention dequantizes and re-appends the kept
+// rows. Step 4 keeps 5 rows, fewer than a residual (8 in both KIVI flag sets), so all 5 land in
+// the fp16 residual, rounded once: |fp16(y) - y| <= u16 |y| (+ 2^-25 among the subnormals) per
+// number y as stored. Rotated (--hadamard), ReadKeys returns H y: the error H e of a head has
+// |(H e)_i| <= ||e||_2 <= u16 ||y||_2 + sqrt(d) 2^-25, with ||y||_2 = the head's norm as read;
+// the two transforms round (log2 d + 1) times each, 2 * 6 * 2^-24 < 2^-19 relative to that norm.
+// Both cases: |after - before| <= (2^-11 + 2^-19) ||head||_2 + 2^-22 (> sqrt(32) 2^-25).
+bool RetainRequantizes(const Combo& c) { return c.storage == "kivi"; }
+
+void ExpectKeptRow(const Combo& c, const float* after, const float* before, int s) {
+  for (int g = 0; g < kShape.n_head_kv; ++g) {
+    const int d = kShape.head_dim;
+    double norm = 0;
+    for (int e = 0; e < d; ++e) norm += static_cast<double>(before[g * d + e]) * before[g * d + e];
+    const double tol = RetainRequantizes(c) ? (std::ldexp(1.0, -11) + std::ldexp(1.0, -19)) * std::sqrt(norm) +
+                                                  std::ldexp(1.0, -22)
+                                            : 0.0;
+    for (int e = 0; e < d; ++e)
+      EXPECT_LE(std::fabs(after[g * d + e] - before[g * d + e]), tol)
+          << c.Name() << " kept row " << s << ", KV head " << g << ", element " << e;
+  }
 }
 
 struct Batch {
@@ -229,7 +287,8 @@ TEST_P(Conformance, AppendAttendRetainClearAndRefuse) {
     RunBatch(cache, d, pool, c.Name() + " after eviction");
     EXPECT_EQ(cache.Stored(0), c.wrapper == "snapkv" ? kept + 1 : kept) << c.Name();
   }
-  // 4. Retain on the storage itself: the kept rows are the rows read before, in order.
+  // 4. Retain on the storage itself: the kept rows are the rows read before, in order (KIVI: up to
+  //    one fp16 rounding, see ExpectKeptRow).
   if (c.wrapper.empty()) {
     const int T = cache.Stored(1), D = kShape.kv_dim();
     std::vector<float> before(static_cast<size_t>(T) * D), after;
@@ -240,9 +299,7 @@ TEST_P(Conformance, AppendAttendRetainClearAndRefuse) {
     after.resize(static_cast<size_t>(5) * D);
     cache.ReadKeys(1, 0, 5, after.data());
     for (int s = 0; s < 5; ++s)
-      for (int e = 0; e < D; ++e)
-        EXPECT_EQ(after[static_cast<size_t>(s) * D + e], before[static_cast<size_t>(keep[s]) * D + e])
-            << c.Name() << " kept row " << s;
+      ExpectKeptRow(c, after.data() + static_cast<size_t>(s) * D, before.data() + static_cast<size_t>(keep[s]) * D, s);
     EXPECT_FALSE(cache.Retain(1, {{3, 1}}).ok()) << c.Name() << ": decreasing indices accepted";
     EXPECT_FALSE(cache.Retain(1, {{0, 99}}).ok()) << c.Name() << ": an index past the stored tokens accepted";
     EXPECT_FALSE(cache.Retain(7, {{0}}).ok()) << c.Name() << ": a layer that does not exist accepted";

@@ -475,5 +475,31 @@ TEST(Profile, VersionOneFilesStillLoad) {
   std::remove(path.c_str());
 }
 
+// The in-memory entry point (LoadProfile runs it on the mapped file; fuzz/fuzz_profile.cpp calls it).
+TEST(Profile, ParseProfileReadsWhatLoadProfileReads) {
+  DynaKvProfile p = MakeProfile(2, 2, 4, 41);
+  p.router = MakeRouter(p, 8, 3, 42);
+  const std::vector<uint8_t> bytes = SerializeProfile(p);
+  auto parsed = ParseProfile(bytes.data(), bytes.size(), "mem.dkv");
+  ASSERT_TRUE(parsed.ok()) << parsed.status().ToString();
+  ExpectSameProfile(p, *parsed);
+  ASSERT_TRUE(parsed->router.has_value());
+  EXPECT_EQ(SerializeProfile(*parsed), bytes);
+
+  std::vector<uint8_t> damaged = bytes;
+  damaged[bytes.size() / 2] ^= 0x10;
+  const std::string from_file = ExpectRefused(damaged, "a flipped bit");
+  auto from_memory = ParseProfile(damaged.data(), damaged.size(), "mem.dkv");
+  ASSERT_FALSE(from_memory.ok());
+  EXPECT_EQ(from_memory.status().code(), Code::kCorrupt);
+  EXPECT_THAT(from_memory.status().message(), HasSubstr("mem.dkv: checksum mismatch"));
+  EXPECT_EQ(from_memory.status().message().substr(from_memory.status().message().find(':')),
+            from_file.substr(from_file.find(": checksum")));
+
+  auto empty = ParseProfile(nullptr, 0, "empty.dkv");
+  ASSERT_FALSE(empty.ok());
+  EXPECT_THAT(empty.status().message(), HasSubstr("empty.dkv: not a DynaKV profile"));
+}
+
 }  // namespace
 }  // namespace dk

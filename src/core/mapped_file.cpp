@@ -58,8 +58,17 @@ StatusOr<std::unique_ptr<MappedFile>> MappedFile::Open(const std::string& path) 
   return file;
 }
 
+std::unique_ptr<MappedFile> MappedFile::View(const uint8_t* data, size_t size, const std::string& name) {
+  std::unique_ptr<MappedFile> view(new MappedFile());
+  view->data_ = size > 0 ? data : nullptr;
+  view->size_ = size;
+  view->owned_ = false;
+  view->path_ = name;
+  return view;
+}
+
 MappedFile::~MappedFile() {
-  if (data_ != nullptr) ::munmap(const_cast<uint8_t*>(data_), size_);
+  if (owned_ && data_ != nullptr) ::munmap(const_cast<uint8_t*>(data_), size_);
 }
 
 namespace {

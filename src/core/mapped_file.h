@@ -1,4 +1,5 @@
-// Read-only memory map of a whole file. Move-only; unmaps on destruction.
+// Read-only memory map of a whole file. Move-only; unmaps on destruction. View() gives the same
+// interface over memory the caller owns (parsers that take a buffer: fuzzers, in-memory files).
 #pragma once
 
 #include <cstddef>
@@ -15,6 +16,9 @@ class MappedFile {
   // Maps `path` read-only; only a regular file (a pipe, device or folder is refused without
   // blocking). Errors name the path and the OS reason.
   static StatusOr<std::unique_ptr<MappedFile>> Open(const std::string& path);
+  // A non-owning view of `size` bytes at `data`, named `name` in messages; nothing is unmapped.
+  // The caller keeps the memory alive (and unchanged) for the view's lifetime.
+  static std::unique_ptr<MappedFile> View(const uint8_t* data, size_t size, const std::string& name);
   ~MappedFile();
   MappedFile(const MappedFile&) = delete;
   MappedFile& operator=(const MappedFile&) = delete;
@@ -27,6 +31,7 @@ class MappedFile {
   MappedFile() = default;
   const uint8_t* data_ = nullptr;
   size_t size_ = 0;
+  bool owned_ = true;  // false for View(): the memory is not ours to unmap
   std::string path_;
 };
 

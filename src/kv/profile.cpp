@@ -364,12 +364,15 @@ Status SaveProfile(const DynaKvProfile& p, const std::string& path) {
 
 StatusOr<DynaKvProfile> LoadProfile(const std::string& path) {
   DK_ASSIGN_OR_RETURN(std::unique_ptr<MappedFile> file, MappedFile::Open(path));
-  const size_t size = file->size();
+  return ParseProfile(file->data(), file->size(), path);
+}
+
+StatusOr<DynaKvProfile> ParseProfile(const uint8_t* data, size_t size, const std::string& path) {
   if (size < kPreambleBytes) {
     return Corrupt(path + ": not a DynaKV profile: " + std::to_string(size) + " bytes, expected at least " +
                    std::to_string(kPreambleBytes) + " (magic 'DKVPROF' and version)");
   }
-  Reader r(file->data(), size, path);
+  Reader r(data, size, path);
   char magic[8];
   DK_RETURN_IF_ERROR(r.Raw(magic, sizeof(magic), "magic"));
   if (std::memcmp(magic, kMagic, sizeof(kMagic)) != 0) {
@@ -455,8 +458,8 @@ StatusOr<DynaKvProfile> LoadProfile(const std::string& path) {
                    ", D=" + std::to_string(D) + ", found " + std::to_string(size));
   }
   uint32_t stored_crc = 0;
-  std::memcpy(&stored_crc, file->data() + size - 4, 4);
-  const uint32_t crc = Crc32(file->data() + kPreambleBytes, size - 4 - kPreambleBytes);
+  std::memcpy(&stored_crc, data + size - 4, 4);
+  const uint32_t crc = Crc32(data + kPreambleBytes, size - 4 - kPreambleBytes);
   if (crc != stored_crc) {
     return Corrupt(path + ": checksum mismatch: stored CRC-32 " + Hex32(stored_crc) + ", computed " + Hex32(crc) +
                    " (the file is damaged; recalibrate or copy it again)");

@@ -66,6 +66,9 @@ std::string ExplainedVarianceTable(const DynaKvProfile& p);
 Status SaveProfile(const DynaKvProfile& p, const std::string& path);
 // Rejects bad magic/version, truncation, checksum mismatch; every message names the file.
 StatusOr<DynaKvProfile> LoadProfile(const std::string& path);
+// What LoadProfile runs on the file's bytes: parses `size` bytes at `data` (a whole profile file),
+// `name` standing for the path in messages. Nothing is kept pointing into `data`.
+StatusOr<DynaKvProfile> ParseProfile(const uint8_t* data, size_t size, const std::string& name);
 // Refuses a profile calibrated for another model (fingerprint or shape mismatch), with a clear message.
 Status CheckProfileMatchesModel(const DynaKvProfile& p, const KvModelInfo& model, const std::string& profile_path);
 

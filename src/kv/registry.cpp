@@ -14,6 +14,9 @@ const std::vector<const KvMethod*>& KvMethods() {
   static const std::vector<const KvMethod*> methods = {
       &FullKvMethod(),
       &DynaKvMethod(),
+      &Q8_0KvMethod(),
+      &Q4_0KvMethod(),
+      &KiviKvMethod(),
       &SnapKvMethod(),
       &StreamingLlmMethod(),
       &H2oMethod(),

@@ -85,5 +85,8 @@ StatusOr<std::unique_ptr<KvCache>> CreateKvCache(const KvConfig& config, const K
 // The methods' own definitions (one per method file).
 const KvMethod& FullKvMethod();
 const KvMethod& DynaKvMethod();
+const KvMethod& Q8_0KvMethod();  // qblock_cache.cpp
+const KvMethod& Q4_0KvMethod();  // qblock_cache.cpp
+const KvMethod& KiviKvMethod();  // kivi_cache.cpp
 
 }  // namespace dk

@@ -149,6 +149,15 @@ class GgufParser {
   GgufParser(GgufFile* out, const GgufLimits& limits)
       : out_(out), lim_(limits), base_(out->file_->data()), size_(out->file_->size()) {}
 
+  // Both entry points (a mapped file, a view of caller memory) run this.
+  static StatusOr<std::unique_ptr<GgufFile>> Run(std::unique_ptr<MappedFile> file, const GgufLimits& limits) {
+    std::unique_ptr<GgufFile> f(new GgufFile());
+    f->file_ = std::move(file);
+    GgufParser parser(f.get(), limits);
+    DK_RETURN_IF_ERROR(parser.Parse());
+    return f;
+  }
+
   Status Parse() {
     Status st = ParseAll();
     return st.WithContext(out_->path());
@@ -522,11 +531,13 @@ class GgufParser {
 };
 
 StatusOr<std::unique_ptr<GgufFile>> GgufFile::Open(const std::string& path, const GgufLimits& limits) {
-  std::unique_ptr<GgufFile> f(new GgufFile());
-  DK_ASSIGN_OR_RETURN(f->file_, MappedFile::Open(path));
-  GgufParser parser(f.get(), limits);
-  DK_RETURN_IF_ERROR(parser.Parse());
-  return f;
+  DK_ASSIGN_OR_RETURN(std::unique_ptr<MappedFile> file, MappedFile::Open(path));
+  return GgufParser::Run(std::move(file), limits);
+}
+
+StatusOr<std::unique_ptr<GgufFile>> GgufFile::OpenBuffer(const uint8_t* data, size_t size, const std::string& name,
+                                                        const GgufLimits& limits) {
+  return GgufParser::Run(MappedFile::View(data, size, name), limits);
 }
 
 const GgufValue* GgufFile::Find(const std::string& key) const {

@@ -82,6 +82,11 @@ struct GgufLimits {
 class GgufFile {
  public:
   static StatusOr<std::unique_ptr<GgufFile>> Open(const std::string& path, const GgufLimits& limits = {});
+  // The same parser over `size` bytes in memory (fuzzers, files built in memory): `name` stands for
+  // the path in messages and path(). The caller keeps the bytes alive and unchanged while the
+  // GgufFile lives (tensor data points into them).
+  static StatusOr<std::unique_ptr<GgufFile>> OpenBuffer(const uint8_t* data, size_t size, const std::string& name,
+                                                        const GgufLimits& limits = {});
 
   const std::string& path() const { return file_->path(); }
   uint32_t version() const { return version_; }

@@ -74,6 +74,12 @@ void ArgParser::AddFlag(std::vector<std::string> names, bool* target, std::strin
                     }});
 }
 
+void ArgParser::AddPositional(std::string* target, std::string metavar, std::string help) {
+  positional_ = target;
+  positional_metavar_ = std::move(metavar);
+  positional_help_ = std::move(help);
+}
+
 void ArgParser::AddCallback(std::vector<std::string> names, std::string metavar, std::string help,
                             std::function<Status(const std::string& value)> apply) {
   const bool takes_value = !metavar.empty();  // no metavar: a switch, applied with "1"
@@ -102,7 +108,11 @@ Status ArgParser::Parse(int argc, char** argv, int first) {
         has_inline = true;
       }
     }
-    if (arg.empty() || arg[0] != '-') return InvalidArgument("unexpected argument '" + arg + "'");
+    if (arg.empty() || arg[0] != '-') {
+      if (positional_ == nullptr || !positional_->empty()) return InvalidArgument("unexpected argument '" + arg + "'");
+      *positional_ = arg;
+      continue;
+    }
     Flag* f = Find(arg);
     if (f == nullptr) return InvalidArgument("unknown flag '" + arg + "'");
     if (f->takes_value && !has_inline) {
@@ -126,7 +136,10 @@ bool ArgParser::WasSet(const std::string& name) const {
 
 std::string ArgParser::Usage() const {
   std::ostringstream s;
-  s << "usage: dynakv " << command_ << " [flags]\n  " << summary_ << "\nflags:\n";
+  s << "usage: dynakv " << command_ << (positional_ ? " " + positional_metavar_ : "") << " [flags]\n  " << summary_
+    << "\n";
+  if (positional_) s << "  " << positional_metavar_ << ": " << positional_help_ << "\n";
+  s << "flags:\n";
   for (const Flag& f : flags_) {
     std::string names;
     for (const std::string& n : f.names) names += (names.empty() ? "" : ", ") + n;

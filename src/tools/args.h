@@ -24,7 +24,11 @@ class ArgParser {
   void AddCallback(std::vector<std::string> names, std::string metavar, std::string help,
                    std::function<Status(const std::string& value)> apply);
 
-  // Parses argv[first..argc). Positional arguments are not accepted.
+  // One positional argument (e.g. an input file), written to *target; without it, positional
+  // arguments are refused.
+  void AddPositional(std::string* target, std::string metavar, std::string help);
+
+  // Parses argv[first..argc).
   Status Parse(int argc, char** argv, int first);
   bool WasSet(const std::string& name) const;
   std::string Usage() const;
@@ -41,6 +45,8 @@ class ArgParser {
 
   std::string command_, summary_;
   std::vector<Flag> flags_;
+  std::string* positional_ = nullptr;
+  std::string positional_metavar_, positional_help_;
 };
 
 // "a,b,c" -> {"a", "b", "c"} (empty parts kept, so "1,,2" is refused by the parsers below).

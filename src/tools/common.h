@@ -42,6 +42,8 @@ int CmdCalibrate(int argc, char** argv);
 int CmdTrainRouter(int argc, char** argv);
 int CmdRankmap(int argc, char** argv);
 int CmdEval(int argc, char** argv);
+int CmdExportProfile(int argc, char** argv);
 int CmdPasskey(int argc, char** argv);
+int CmdServe(int argc, char** argv);
 
 }  // namespace dk::cli

@@ -21,6 +21,8 @@ void PrintUsage(FILE* out) {
                "  rankmap     an HTML page of a text coloured by the ranks DynaKV gives each token\n"
                "  passkey     passkey retrieval accuracy (a key hidden in a haystack of text), any KV cache\n"
                "  eval        compare KV methods at equal cache fractions (perplexity/KL, passkey, speed)\n"
+               "  export-profile  a profile as safetensors + JSON for PyTorch serving engines\n"
+               "  serve       an HTTP server with OpenAI's API (completions, chat, streaming), S slots\n"
                "run 'dynakv <command> --help' for its flags\n");
 }
 
@@ -47,6 +49,8 @@ int Dispatch(int argc, char** argv) {
   if (cmd == "rankmap") return CmdRankmap(argc, argv);
   if (cmd == "passkey") return CmdPasskey(argc, argv);
   if (cmd == "eval") return CmdEval(argc, argv);
+  if (cmd == "export-profile") return CmdExportProfile(argc, argv);
+  if (cmd == "serve") return CmdServe(argc, argv);
   std::fprintf(stderr, "dynakv: unknown command '%s'\n", cmd.c_str());
   PrintUsage(stderr);
   return kExitUsage;
