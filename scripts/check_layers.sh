@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The layers of src/ only include downwards: core <- ops <- kv <- model <- {train, eval} <- tools.
+# The layers of src/ only include downwards: core <- ops <- kv <- model <- {train, eval} <- serve <- tools.
 # Prints every include that runs up (or sideways between train and eval) and fails if there is one.
 set -euo pipefail
 cd "$(dirname "$0")/../src"
@@ -10,7 +10,8 @@ declare -A allowed=(
   [model]="core ops kv model"
   [train]="core ops kv model train"
   [eval]="core ops kv model eval"
-  [tools]="core ops kv model train eval tools"
+  [serve]="core ops kv model eval serve"
+  [tools]="core ops kv model train eval serve tools"
 )
 bad=0
 for layer in "${!allowed[@]}"; do

@@ -69,6 +69,8 @@ class GgufWriter {
     std::string s;                // kString
     uint32_t elem_type = 0;       // kArray
     std::vector<Value> arr;       // kArray elements (for nested arrays each is itself an array)
+    uint64_t packed_count = 0;    // PackedArray: element count, the elements' bytes in `raw`
+    bool packed = false;
   };
 
   static Value Scalar(GgufType t, const void* p, size_t n) {
@@ -103,6 +105,17 @@ class GgufWriter {
     v.type = static_cast<uint32_t>(GgufType::kArray);
     v.elem_type = static_cast<uint32_t>(elem);
     v.arr = std::move(elems);
+    return v;
+  }
+  // An array of `count` elements of a scalar type given as their encoded bytes (large arrays
+  // without a Value per element).
+  static Value PackedArray(GgufType elem, uint64_t count, std::vector<uint8_t> payload) {
+    Value v;
+    v.type = static_cast<uint32_t>(GgufType::kArray);
+    v.elem_type = static_cast<uint32_t>(elem);
+    v.packed = true;
+    v.packed_count = count;
+    v.raw = std::move(payload);
     return v;
   }
   static Value StrArray(const std::vector<std::string>& xs) {
@@ -281,6 +294,10 @@ class GgufWriter {
   static void EncodeValue(std::vector<uint8_t>* out, const Value& v) {
     if (v.type == static_cast<uint32_t>(GgufType::kString)) {
       PutString(out, v.s);
+    } else if (v.type == static_cast<uint32_t>(GgufType::kArray) && v.packed) {
+      PutPod<uint32_t>(out, v.elem_type);
+      PutPod<uint64_t>(out, v.packed_count);
+      PutLe(out, v.raw.data(), v.raw.size());
     } else if (v.type == static_cast<uint32_t>(GgufType::kArray)) {
       PutPod<uint32_t>(out, v.elem_type);
       PutPod<uint64_t>(out, v.arr.size());

@@ -140,5 +140,40 @@ TEST(Cli, PerplexityEndsWithThePplLine) {
   EXPECT_THAT(r.err, HasSubstr("perplexity ["));  // progress bar
 }
 
+// Every command that writes a file checks where before the work that produces it (once, calibrate
+// found out only after the whole calibration, and named its temporary file).
+TEST(Cli, OutputPathsAreCheckedFirstAndNamed) {
+  const std::string dir = ::testing::TempDir() + "dk_cli_out_" + std::to_string(::getpid());
+  const std::string text = DataPath("valid.txt");
+  struct Case {
+    std::string args, needle;
+  } cases[] = {
+      {"calibrate -m " + kStories + " -f " + text + " -o " + dir + "/missing/p.dkv",
+       "-o: " + dir + "/missing/p.dkv: folder '" + dir + "/missing' does not exist"},
+      {"calibrate -m " + kStories + " -f " + text + " -o /sys/p.dkv", "-o: /sys/p.dkv: cannot write in folder '/sys'"},
+      {"calibrate -m " + kStories + " -f " + text + " -o " + ::testing::TempDir(), "is a folder"},
+      {"calibrate -m " + kStories + " -f " + text + " -o /dev/null", "-o: /dev/null: exists and is not a regular file"},
+      {"passkey -m " + kStories + " -f " + text + " --json " + dir + "/missing/p.json", "--json: " + dir + "/missing"},
+      {"train-router -m " + kStories + " --profile " + DataPath("stories260K-v1.dkv") + " -f " + text + " -o " +
+           ::testing::TempDir() + "r.dkv --log " + dir + "/missing/log",
+       "--log: " + dir + "/missing/log"},
+  };
+  for (const Case& c : cases) {
+    auto r = RunCli(c.args);
+    EXPECT_EQ(r.exit_code, 2) << c.args << "\n" << r.err;
+    EXPECT_THAT(r.err, HasSubstr(c.needle)) << c.args;
+    EXPECT_EQ(r.out.find("calibrated on"), std::string::npos) << c.args;
+  }
+}
+
+TEST(Cli, ContextAboveTheTrainingContextIsAWarning) {
+  auto r = RunCli("generate -m " + kStories + " -p hi -n 2 --temp 0 -c 4096");
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.err, HasSubstr("generate: warning: -c 4096 is above the model's training context (2048)"));
+  r = RunCli("generate -m " + kStories + " -p hi -n 2 --temp 0 -c 2048");
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.err.find("warning"), std::string::npos) << r.err;
+}
+
 }  // namespace
 }  // namespace dk

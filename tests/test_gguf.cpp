@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <limits>
 #include <random>
 
@@ -159,26 +160,107 @@ TEST_P(GgufMetadataRoundTrip, ArraysOfEveryKindAndNestedArrays) {
   const GgufValue* b = f.Find("bools");
   ASSERT_NE(b, nullptr);
   EXPECT_EQ(b->elem_type, GgufType::kBool);
-  ASSERT_EQ(b->arr.size(), 2u);
-  EXPECT_EQ(b->arr[0].u, 1u);
+  ASSERT_EQ(b->size(), 2u);
+  EXPECT_EQ(b->At(0).u, 1u);
+  EXPECT_EQ(b->At(1).u, 0u);
+  EXPECT_EQ(b->At(0).type, GgufType::kBool);
   EXPECT_EQ(f.GetFloatArray("f64s").value()[0], static_cast<float>(1e-300));
   EXPECT_TRUE(f.GetIntArray("empty").value().empty());
+  const GgufValue* strs = f.Find("strs");
+  ASSERT_NE(strs, nullptr);
+  ASSERT_EQ(strs->size(), 4u);
+  EXPECT_EQ(strs->StringAt(2), "ccc");
+  EXPECT_EQ(strs->At(3).s, "<0x0A>");
+  EXPECT_EQ(strs->StringAt(1), "");
+  const GgufValue* i32s = f.Find("i32s");
+  ASSERT_NE(i32s, nullptr);
+  EXPECT_EQ(i32s->At(0).i, -1);
+  EXPECT_EQ(i32s->At(2).type, GgufType::kI32);
   const GgufValue* n = f.Find("nested");
   ASSERT_NE(n, nullptr);
   ASSERT_EQ(n->type, GgufType::kArray);
   ASSERT_EQ(n->elem_type, GgufType::kArray);
+  ASSERT_EQ(n->size(), 3u);
   ASSERT_EQ(n->arr.size(), 3u);
   EXPECT_EQ(n->arr[0].elem_type, GgufType::kI32);
-  ASSERT_EQ(n->arr[0].arr.size(), 2u);
-  EXPECT_EQ(n->arr[0].arr[1].i, 2);
-  EXPECT_EQ(n->arr[1].arr[0].s, "x");
+  ASSERT_EQ(n->arr[0].size(), 2u);
+  EXPECT_EQ(n->arr[0].At(1).i, 2);
+  EXPECT_EQ(n->arr[1].StringAt(0), "x");
   ASSERT_EQ(n->arr[2].arr.size(), 1u);
   EXPECT_EQ(n->arr[2].arr[0].elem_type, GgufType::kU32);
-  EXPECT_EQ(n->arr[2].arr[0].arr[0].u, 7u);
+  EXPECT_EQ(n->arr[2].arr[0].At(0).u, 7u);
 }
 
 INSTANTIATE_TEST_SUITE_P(Versions2And3, GgufMetadataRoundTrip, ::testing::Values(2u, 3u),
                          ::testing::PrintToStringParamName());
+
+// Resident memory of this process that is not backed by a file (the heap, not the mapping).
+int64_t AnonResidentBytes() {
+  std::ifstream in("/proc/self/statm");
+  int64_t size = 0, resident = 0, shared = 0;
+  in >> size >> resident >> shared;
+  return (resident - shared) * static_cast<int64_t>(::sysconf(_SC_PAGESIZE));
+}
+
+// A large array costs about its bytes in the file, not a GgufValue per element (once 88 bytes each:
+// 1.4 GB for this 16 MB array).
+TEST(GgufMetadataMemory, LargeArraysCostAboutTheirBytesInTheFile) {
+  constexpr uint64_t kN = uint64_t{1} << 24;
+  constexpr uint64_t kStrings = uint64_t{1} << 20;
+  std::string path;
+  {
+    std::vector<uint8_t> payload(kN);
+    for (uint64_t k = 0; k < kN; ++k) payload[k] = static_cast<uint8_t>(k * 31);
+    std::vector<uint8_t> strs;  // 1M strings "a", "bb", "a", ...
+    for (uint64_t k = 0; k < kStrings; ++k) {
+      test::PutPod<uint64_t>(&strs, 1 + k % 2);
+      strs.insert(strs.end(), 1 + k % 2, static_cast<uint8_t>('a' + k % 2));
+    }
+    GgufWriter w;
+    w.Add("general.architecture", W::Str("llama"));
+    w.Add("big", W::PackedArray(GgufType::kU8, kN, std::move(payload)));
+    w.Add("many_strings", W::PackedArray(GgufType::kString, kStrings, std::move(strs)));
+    w.Add("after", W::U32(7));
+    path = w.WriteTemp("big-array.gguf");
+    ASSERT_FALSE(path.empty());
+  }
+  const int64_t before = AnonResidentBytes();
+  auto f = GgufFile::Open(path);
+  const int64_t after = AnonResidentBytes();
+  const int64_t file_bytes = static_cast<int64_t>(std::filesystem::file_size(path));
+  std::remove(path.c_str());
+  ASSERT_TRUE(f.ok()) << f.status().ToString();
+  const GgufValue* big = f.value()->Find("big");
+  ASSERT_NE(big, nullptr);
+  ASSERT_EQ(big->size(), kN);
+  EXPECT_EQ(big->At(12345).u, static_cast<uint8_t>(12345 * 31));
+  EXPECT_EQ(big->At(kN - 1).u, static_cast<uint8_t>((kN - 1) * 31));
+  const GgufValue* strings = f.value()->Find("many_strings");
+  ASSERT_NE(strings, nullptr);
+  ASSERT_EQ(strings->size(), kStrings);
+  EXPECT_EQ(strings->StringAt(0), "a");
+  EXPECT_EQ(strings->StringAt(kStrings - 1), "bb");
+  EXPECT_EQ(f.value()->GetUInt("after").value(), 7u);
+  EXPECT_EQ(f.value()->GetIntArray("big").value()[77], static_cast<uint8_t>(77 * 31));
+  // What the parsed metadata holds, and what the process grew by: both under twice the file.
+  EXPECT_LT(f.value()->MetadataHeapBytes(), static_cast<size_t>(2 * file_bytes));
+  EXPECT_LT(after - before, 2 * file_bytes) << "heap grew by " << (after - before) << " bytes for a file of "
+                                            << file_bytes;
+}
+
+TEST(GgufMalformed, ArraysOfArraysAreCappedOverTheFile) {
+  GgufWriter w;
+  w.Add("a", W::Array(GgufType::kArray, {W::I32Array({1}), W::I32Array({2})}));
+  w.Add("b", W::Array(GgufType::kArray, {W::I32Array({3})}));
+  GgufLimits lim;
+  lim.max_nested_arrays = 3;
+  EXPECT_TRUE(OpenBytes(w.Build(), "nested.gguf", lim).file.ok());
+  lim.max_nested_arrays = 2;
+  Opened o = OpenBytes(w.Build(), "nested.gguf", lim);
+  ASSERT_FALSE(o.file.ok());
+  EXPECT_THAT(o.file.status().message(), HasSubstr("key 'b'"));
+  EXPECT_THAT(o.file.status().message(), HasSubstr("cap of 2"));
+}
 
 TEST(GgufTypedGetters, WrongTypeMissingKeyAndRangeErrorsNameFileAndKey) {
   GgufWriter w;

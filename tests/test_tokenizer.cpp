@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cctype>
 #include <chrono>
 #include <cstdio>
@@ -207,6 +208,29 @@ TEST(SpmSmall, UserDefinedTokensArePartitioned) {
   EXPECT_EQ((*tok)->Decode({9, 11, 3, 6}), " a<sep> c");
   // Control-token text is not parsed: "<s>" stays text (no such characters here -> unknown).
   EXPECT_EQ((*tok)->Encode("<s>", false), (std::vector<int32_t>{3, 0, 0, 0}));
+}
+
+// EncodeWithSpecial turns control-token text into the token (what chat templates need), longest
+// text first; Encode on the same text is unchanged (the text stays text).
+TEST(SpmSmall, EncodeWithSpecialParsesControlTokens) {
+  TokenizerData d = SmallSpm();
+  for (const char* t : {"<|im_start|>", "<|im_start|>x"}) {  // the longer one must win where it fits
+    d.tokens.push_back(t);
+    d.scores.push_back(0);
+    d.types.push_back(3);
+  }
+  auto tok = Tokenizer::FromData(std::move(d));
+  ASSERT_TRUE(tok.ok());
+  // After a special token the text gets the space prefix again, as after a user-defined one.
+  EXPECT_EQ((*tok)->EncodeWithSpecial("<|im_start|>a</s>", true), (std::vector<int32_t>{1, 11, 9, 2}));
+  EXPECT_EQ((*tok)->EncodeWithSpecial("<|im_start|>xc", false), (std::vector<int32_t>{12, 3, 6}));
+  EXPECT_EQ((*tok)->EncodeWithSpecial("<s>", false), (std::vector<int32_t>{1}));
+  EXPECT_EQ((*tok)->EncodeWithSpecial("<unk>a", false), (std::vector<int32_t>{0, 9}));
+  EXPECT_EQ((*tok)->EncodeWithSpecial("abc", false), (*tok)->Encode("abc", false));
+  // Encode keeps llama.cpp's parse_special=false: the same text is characters.
+  const std::vector<int32_t> plain = (*tok)->Encode("<|im_start|>a</s>", false);
+  EXPECT_EQ(std::count(plain.begin(), plain.end(), 11), 0);
+  EXPECT_EQ(std::count(plain.begin(), plain.end(), 2), 0);
 }
 
 TEST(SpmSmall, ByteFallbackUsesByteTokens) {

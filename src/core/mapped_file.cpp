@@ -93,14 +93,56 @@ std::string FolderOf(const std::string& path) {
   return slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
 }
 
+// A name that exists must be a regular file (or a link to one): writing replaces it.
+Status CheckExistingName(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0 || S_ISREG(st.st_mode)) return Status::Ok();
+  if (S_ISDIR(st.st_mode)) return IoError(path + ": is a folder, not a file name");
+  const bool device = S_ISCHR(st.st_mode) || S_ISBLK(st.st_mode);
+  return IoError(path + ": exists and is not a regular file (" +
+                 (S_ISFIFO(st.st_mode) ? "a pipe" : device ? "a device" : "a special file") +
+                 "); dynakv writes regular files only");
+}
+
 }  // namespace
+
+Status CheckWritableFile(const std::string& path) {
+  if (path.empty()) return InvalidArgument("an empty file name");
+  if (path.back() == '/') return IoError(path + ": is a folder, not a file name");
+  DK_RETURN_IF_ERROR(CheckExistingName(path));
+  const std::string dir = FolderOf(path);
+  struct stat st {};
+  if (::stat(dir.c_str(), &st) != 0) {
+    const int err = errno;
+    return IoError(path + ": folder '" + dir + "' " + (err == ENOENT ? "does not exist" : std::strerror(err)));
+  }
+  if (!S_ISDIR(st.st_mode)) return IoError(path + ": '" + dir + "' is not a folder");
+#ifdef O_TMPFILE
+  const int tfd = ::open(dir.c_str(), O_TMPFILE | O_WRONLY | O_CLOEXEC, 0644);
+  if (tfd >= 0) {
+    ::close(tfd);  // nameless: nothing to remove
+    return Status::Ok();
+  }
+  if (errno != EOPNOTSUPP && errno != EISDIR && errno != EINVAL)
+    return IoError(path + ": cannot write in folder '" + dir + "': " + std::strerror(errno));
+#endif
+  const std::string probe = path + ".tmp." + std::to_string(::getpid());
+  const int fd = ::open(probe.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  if (fd < 0) {
+    const int err = errno;
+    if (err == EEXIST) return Status::Ok();  // a leftover of ours: the folder takes files
+    return IoError(path + ": cannot write in folder '" + dir + "': " + std::strerror(err));
+  }
+  ::close(fd);
+  ::unlink(probe.c_str());
+  return Status::Ok();
+}
 
 // Linux's O_TMPFILE makes a nameless file in the target's folder, linked into place only once
 // complete: a process killed mid-write leaves nothing behind. Filesystems without it get a named
 // temporary file (path.tmp.<pid>) that is renamed, and removed on every error.
 Status WriteFileAtomically(const std::string& path, const void* bytes, size_t size) {
-  struct stat st {};
-  if (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) return IoError(path + ": is a folder, not a file name");
+  DK_RETURN_IF_ERROR(CheckExistingName(path));
   const std::string dir = FolderOf(path);
 #ifdef O_TMPFILE
   const int tfd = ::open(dir.c_str(), O_TMPFILE | O_WRONLY | O_CLOEXEC, 0644);

@@ -37,7 +37,14 @@ class MappedFile {
 
 // Writes `bytes` to `path` atomically: a nameless (O_TMPFILE) or temporary file in the same
 // folder, fsync, then linked / renamed into place; nothing is left behind on an error or a kill.
+// A name that is there must be a regular file (a folder, device or pipe is refused: renaming over
+// /dev/null would replace the device).
 Status WriteFileAtomically(const std::string& path, const void* bytes, size_t size);
+// Whether WriteFileAtomically(path, ...) can succeed, checked before the work that produces the
+// bytes: the name is not a folder, device or pipe, its folder exists, and a file can be made there
+// (tried for real: a nameless file, or a temporary one removed at once). IoError naming the path
+// and the folder.
+Status CheckWritableFile(const std::string& path);
 // Reads a whole regular file (not a pipe, device or folder: refused without blocking) into a
 // string; larger than max_bytes is InvalidArgument naming the file.
 constexpr size_t kMaxTextBytes = size_t{1} << 30;

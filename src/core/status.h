@@ -14,7 +14,7 @@ enum class Code {
   kNotFound,          // file, key or tensor missing
   kIoError,           // open/read/write/rename failed
   kCorrupt,           // file contents fail validation
-  kOutOfRange,        // index or size past a limit
+  kOutOfRange,        // index, size or value past a limit (e.g. activations that overflowed fp32)
   kResourceExhausted, // a cache or buffer is full, or a size exceeds what the machine has
   kFailedPrecondition,// valid inputs that do not go together (a profile for another model)
   kUnimplemented,     // valid input we do not support (yet)

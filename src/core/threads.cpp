@@ -3,6 +3,7 @@
 #include <algorithm>
 
 extern "C" void openblas_set_num_threads(int);
+extern "C" int openblas_get_num_threads(void);
 
 namespace dk {
 
@@ -71,5 +72,7 @@ void ThreadPool::WorkerLoop(int index) {
 }
 
 void SetBlasThreads(int n) { openblas_set_num_threads(std::max(1, n)); }
+
+int BlasThreads() { return openblas_get_num_threads(); }
 
 }  // namespace dk

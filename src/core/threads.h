@@ -39,5 +39,21 @@ class ThreadPool {
 
 // Sets OpenBLAS's thread count (no-op when the library does not expose it).
 void SetBlasThreads(int n);
+// OpenBLAS's thread count now.
+int BlasThreads();
+
+// OpenBLAS at `n` threads until the end of the scope, then back to the count before. For results
+// that must not depend on -t: OpenBLAS splits some reductions (inside LAPACK's eigensolver) across
+// its threads, so their rounding would change with the thread count.
+class ScopedBlasThreads {
+ public:
+  explicit ScopedBlasThreads(int n) : before_(BlasThreads()) { SetBlasThreads(n); }
+  ~ScopedBlasThreads() { SetBlasThreads(before_); }
+  ScopedBlasThreads(const ScopedBlasThreads&) = delete;
+  ScopedBlasThreads& operator=(const ScopedBlasThreads&) = delete;
+
+ private:
+  int before_;
+};
 
 }  // namespace dk

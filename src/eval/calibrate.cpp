@@ -95,6 +95,9 @@ StatusOr<BasisSet> PcaBasis(const std::vector<double>& mean, std::vector<double>
   for (double c : cov)
     if (!std::isfinite(c)) return InvalidArgument("covariance has non-finite entries (the model produced inf/nan)");
   std::vector<double> w(d);
+  // Single-threaded, so that the basis is the same bits whatever -t is (threaded, the reductions
+  // inside the eigensolver are split differently: bases differed by up to 5e-10 between -t 1 and 2).
+  const ScopedBlasThreads one_thread(1);
   const lapack_int info = LAPACKE_dsyevd(LAPACK_ROW_MAJOR, 'V', 'U', D, cov.data(), D, w.data());
   if (info != 0) return Internal("LAPACKE_dsyevd failed with info = " + std::to_string(info));
   // LAPACK: w ascending, cov[i*D + j] = component i of eigenvector j. Reverse to decreasing order.

@@ -4,8 +4,10 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cerrno>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <sstream>
 
@@ -93,7 +95,8 @@ Status MakeDirs(const std::string& path) {
   for (size_t p = 1; p <= path.size(); ++p) {
     if (p < path.size() && path[p] != '/') continue;
     const std::string dir = path.substr(0, p);
-    if (::mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST) return IoError(dir + ": cannot create the folder");
+    if (::mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST)
+      return IoError(dir + ": cannot create the folder: " + std::strerror(errno));
   }
   return Status::Ok();
 }

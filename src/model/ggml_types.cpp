@@ -1,6 +1,7 @@
 #include "model/ggml_types.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "core/fp16.h"
@@ -154,6 +155,99 @@ Status DequantizeRow(GgmlType type, const void* src, float* dst, int64_t n) {
     default: return Internal("DequantizeRow: no kernel for " + TypeName(id));
   }
   return Status::Ok();
+}
+
+namespace {
+
+// fp16 and bf16 are NaN or infinite when every exponent bit is set.
+bool Fp16NonFinite(uint16_t h) { return (h & 0x7C00u) == 0x7C00u; }
+bool Bf16NonFinite(uint16_t h) { return (h & 0x7F80u) == 0x7F80u; }
+const char* NanOrInf(bool nan, bool negative) { return nan ? "nan" : (negative ? "-inf" : "inf"); }
+
+Status NonFiniteElement(int64_t i, bool nan, bool negative) {
+  return Corrupt(std::string("element ") + std::to_string(i) + " is " + NanOrInf(nan, negative) +
+                 " (the weights must be finite)");
+}
+
+Status NonFiniteScale(const char* type, int64_t block, int64_t block_size, const char* which, uint16_t h) {
+  const bool nan = (h & 0x3FFu) != 0;
+  return Corrupt(std::string(type) + " block " + std::to_string(block) + " (elements " +
+                 std::to_string(block * block_size) + ".." + std::to_string((block + 1) * block_size - 1) +
+                 "): scale " + which + " is " + NanOrInf(nan, (h & 0x8000u) != 0) + " (the weights must be finite)");
+}
+
+// Index of the first F32 value whose exponent bits are all set, or -1. Chunks are scanned without
+// branches (vectorized), the chunk that holds one is then searched.
+int64_t FirstNonFiniteF32(const uint8_t* p, int64_t n) {
+  constexpr int64_t kChunk = 1024;
+  for (int64_t c = 0; c < n; c += kChunk) {
+    const int64_t m = std::min(kChunk, n - c);
+    uint32_t any = 0;
+    for (int64_t i = 0; i < m; ++i) {
+      uint32_t bits;
+      std::memcpy(&bits, p + 4 * (c + i), 4);
+      any |= static_cast<uint32_t>((bits & 0x7F800000u) == 0x7F800000u);
+    }
+    if (any == 0) continue;
+    for (int64_t i = 0; i < m; ++i) {
+      uint32_t bits;
+      std::memcpy(&bits, p + 4 * (c + i), 4);
+      if ((bits & 0x7F800000u) == 0x7F800000u) return c + i;
+    }
+  }
+  return -1;
+}
+
+}  // namespace
+
+Status CheckFinite(GgmlType type, const void* src, int64_t n) {
+  const GgmlTypeTraits* t = GetTypeTraits(static_cast<uint32_t>(type));
+  if (t == nullptr || !t->dequantizable) {
+    return Unimplemented("cannot check " + TypeName(static_cast<uint32_t>(type)) +
+                         " values (supported: f32, f16, bf16, q8_0, q4_0, q4_K)");
+  }
+  if (n < 0 || n % t->block_size != 0) {
+    return InvalidArgument("CheckFinite: " + std::to_string(n) + " elements is not a whole number of " + t->name +
+                           " blocks of " + std::to_string(t->block_size));
+  }
+  const auto* p = static_cast<const uint8_t*>(src);
+  const int64_t nblocks = n / t->block_size;
+  switch (type) {
+    case GgmlType::kF32: {
+      const int64_t i = FirstNonFiniteF32(p, n);
+      if (i < 0) return Status::Ok();
+      float x;
+      std::memcpy(&x, p + 4 * i, 4);
+      return NonFiniteElement(i, std::isnan(x), x < 0);
+    }
+    case GgmlType::kF16:
+    case GgmlType::kBF16: {
+      const bool f16 = type == GgmlType::kF16;
+      for (int64_t i = 0; i < n; ++i) {
+        const uint16_t h = LoadU16(p + 2 * i);
+        if (f16 ? Fp16NonFinite(h) : Bf16NonFinite(h))
+          return NonFiniteElement(i, (h & (f16 ? 0x3FFu : 0x7Fu)) != 0, (h & 0x8000u) != 0);
+      }
+      return Status::Ok();
+    }
+    case GgmlType::kQ8_0:
+    case GgmlType::kQ4_0:
+      for (int64_t b = 0; b < nblocks; ++b) {
+        const uint16_t d = LoadU16(p + b * static_cast<int64_t>(t->block_bytes));
+        if (Fp16NonFinite(d)) return NonFiniteScale(t->name, b, t->block_size, "d", d);
+      }
+      return Status::Ok();
+    case GgmlType::kQ4_K:
+      for (int64_t b = 0; b < nblocks; ++b) {
+        const uint8_t* blk = p + b * static_cast<int64_t>(t->block_bytes);
+        const uint16_t d = LoadU16(blk), dmin = LoadU16(blk + 2);
+        if (Fp16NonFinite(d)) return NonFiniteScale(t->name, b, t->block_size, "d", d);
+        if (Fp16NonFinite(dmin)) return NonFiniteScale(t->name, b, t->block_size, "dmin", dmin);
+      }
+      return Status::Ok();
+    default:
+      return Internal(std::string("CheckFinite: no check for ") + t->name);
+  }
 }
 
 }  // namespace dk

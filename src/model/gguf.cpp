@@ -37,6 +37,69 @@ bool GgufValue::is_integer() const {
   }
 }
 
+size_t GgufScalarBytes(GgufType t) {
+  switch (t) {
+    case GgufType::kU8: case GgufType::kI8: case GgufType::kBool: return 1;
+    case GgufType::kU16: case GgufType::kI16: return 2;
+    case GgufType::kU32: case GgufType::kI32: case GgufType::kF32: return 4;
+    case GgufType::kU64: case GgufType::kI64: case GgufType::kF64: return 8;
+    case GgufType::kString: case GgufType::kArray: return 0;
+  }
+  return 0;
+}
+
+namespace {
+
+// Decodes one little-endian scalar of type t at p into v (v->type = t).
+void DecodeScalar(GgufType t, const uint8_t* p, GgufValue* v) {
+  v->type = t;
+  auto get = [p](auto x) {
+    std::memcpy(&x, p, sizeof x);
+    return x;
+  };
+  switch (t) {
+    case GgufType::kU8: case GgufType::kBool: v->u = get(uint8_t{}); break;
+    case GgufType::kI8: v->i = get(int8_t{}); break;
+    case GgufType::kU16: v->u = get(uint16_t{}); break;
+    case GgufType::kI16: v->i = get(int16_t{}); break;
+    case GgufType::kU32: v->u = get(uint32_t{}); break;
+    case GgufType::kI32: v->i = get(int32_t{}); break;
+    case GgufType::kU64: v->u = get(uint64_t{}); break;
+    case GgufType::kI64: v->i = get(int64_t{}); break;
+    case GgufType::kF32: v->f = get(float{}); break;
+    case GgufType::kF64: v->f = get(double{}); break;
+    case GgufType::kString: case GgufType::kArray: break;
+  }
+}
+
+}  // namespace
+
+GgufValue GgufValue::At(size_t k) const {
+  GgufValue e;
+  e.type = elem_type;
+  if (type != GgufType::kArray || k >= size()) return e;
+  if (elem_type == GgufType::kString) {
+    e.s = std::string(StringAt(k));
+  } else if (elem_type != GgufType::kArray) {
+    DecodeScalar(elem_type, bytes.data() + k * GgufScalarBytes(elem_type), &e);
+  }
+  return e;
+}
+
+std::string_view GgufValue::StringAt(size_t k) const {
+  if (type != GgufType::kArray || elem_type != GgufType::kString || k >= str_ends.size()) return {};
+  const uint64_t begin = k == 0 ? 0 : str_ends[k - 1];
+  return std::string_view(reinterpret_cast<const char*>(bytes.data()) + begin,
+                          static_cast<size_t>(str_ends[k] - begin));
+}
+
+size_t GgufValue::HeapBytes() const {
+  size_t n = (s.capacity() > 15 ? s.capacity() + 1 : 0) + bytes.capacity() + str_ends.capacity() * sizeof(uint64_t) +
+             arr.capacity() * sizeof(GgufValue);
+  for (const GgufValue& e : arr) n += e.HeapBytes();
+  return n;
+}
+
 int64_t GgufTensorInfo::n_elements() const {
   int64_t n = 1;
   for (int64_t d : dims) n *= d;  // the parser rejected products that overflow
@@ -72,7 +135,9 @@ std::string DescribeType(const GgufValue& v) {
   return std::string("array of ") + GgufTypeName(v.elem_type);
 }
 
-std::string Quote(const std::string& s) { return "'" + s + "'"; }
+// Keys and tensor names come from the file: escaped for messages (a newline or an escape sequence
+// in a name must not reach the terminal raw).
+std::string Quote(const std::string& s) { return "'" + Printable(s) + "'"; }
 
 }  // namespace
 
@@ -262,19 +327,77 @@ class GgufParser {
                      std::to_string(n) + " x " + std::to_string(min_each) + " bytes at offset " +
                      std::to_string(pos_) + " but the file ends at " + std::to_string(size_));
     }
-    v->arr.resize(static_cast<size_t>(n));
+    v->count = n;
+    if (v->elem_type == GgufType::kString) return ReadStringElements(n, v);
+    if (v->elem_type == GgufType::kArray) return ReadNestedArrays(depth, n, v);
+    return ReadScalarElements(n, v);
+  }
+
+  // Scalars: their bytes as they are in the file (n x size, checked against the file above).
+  Status ReadScalarElements(uint64_t n, GgufValue* v) {
+    const size_t nbytes = static_cast<size_t>(n) * GgufScalarBytes(v->elem_type);
+    v->bytes.assign(base_ + pos_, base_ + pos_ + nbytes);
+    if (v->elem_type == GgufType::kBool) {
+      for (size_t k = 0; k < nbytes; ++k) {
+        if (v->bytes[k] > 1) {
+          return Corrupt("element " + std::to_string(k) + ": bool value: expected 0 or 1, found " +
+                         std::to_string(v->bytes[k]));
+        }
+      }
+    }
+    pos_ += nbytes;
+    return Status::Ok();
+  }
+
+  // Strings: characters concatenated, one end offset each (at most the file's bytes in all). A
+  // first pass checks every length and sums them, so the characters are allocated once, exactly.
+  Status ReadStringElements(uint64_t n, GgufValue* v) {
+    const uint64_t start = pos_;
+    uint64_t total = 0;
     for (uint64_t k = 0; k < n; ++k) {
-      GgufValue& e = v->arr[static_cast<size_t>(k)];
-      Status st = v->elem_type == GgufType::kArray ? ReadNestedArray(depth, &e) : ReadValue(v->elem_type, depth, &e);
+      uint64_t len = 0;
+      Status st = ReadPod("string value", &len);
+      if (st.ok() && len > lim_.max_string_bytes) {
+        st = Corrupt("string value: string length " + std::to_string(len) + " exceeds the cap of " +
+                     std::to_string(lim_.max_string_bytes) + " bytes");
+      }
+      if (st.ok()) st = Need(len, "string value");
       if (!st.ok()) return st.WithContext("element " + std::to_string(k));
+      pos_ += len;
+      total += len;  // at most the file size
+    }
+    pos_ = start;
+    v->bytes.resize(static_cast<size_t>(total));
+    v->str_ends.resize(static_cast<size_t>(n));
+    uint64_t at = 0;
+    for (uint64_t k = 0; k < n; ++k) {
+      uint64_t len = 0;
+      std::memcpy(&len, base_ + pos_, sizeof len);
+      pos_ += sizeof len;
+      if (len > 0) std::memcpy(v->bytes.data() + at, base_ + pos_, static_cast<size_t>(len));
+      pos_ += len;
+      at += len;
+      v->str_ends[static_cast<size_t>(k)] = at;
     }
     return Status::Ok();
   }
 
-  // An element of an array of arrays is itself {element type, length, elements}.
-  Status ReadNestedArray(int depth, GgufValue* e) {
-    e->type = GgufType::kArray;
-    return ReadArray(depth + 1, e);
+  // An element of an array of arrays is itself {element type, length, elements}. Each costs a
+  // GgufValue, so their number over the file is capped.
+  Status ReadNestedArrays(int depth, uint64_t n, GgufValue* v) {
+    if (n > lim_.max_nested_arrays - nested_arrays_) {
+      return Corrupt("array of " + std::to_string(n) + " arrays: more arrays inside arrays than the cap of " +
+                     std::to_string(lim_.max_nested_arrays) + " in a file");
+    }
+    nested_arrays_ += n;
+    v->arr.resize(static_cast<size_t>(n));
+    for (uint64_t k = 0; k < n; ++k) {
+      GgufValue& e = v->arr[static_cast<size_t>(k)];
+      e.type = GgufType::kArray;
+      Status st = ReadArray(depth + 1, &e);
+      if (!st.ok()) return st.WithContext("element " + std::to_string(k));
+    }
+    return Status::Ok();
   }
 
   Status ReadAlignment() {
@@ -404,6 +527,7 @@ class GgufParser {
   const uint8_t* base_;
   uint64_t size_;
   uint64_t pos_ = 0;
+  uint64_t nested_arrays_ = 0;  // arrays read as elements of arrays so far
 };
 
 StatusOr<std::unique_ptr<GgufFile>> GgufFile::Open(const std::string& path, const GgufLimits& limits) {
@@ -419,6 +543,15 @@ StatusOr<std::unique_ptr<GgufFile>> GgufFile::OpenBuffer(const uint8_t* data, si
 const GgufValue* GgufFile::Find(const std::string& key) const {
   auto it = kv_index_.find(key);
   return it == kv_index_.end() ? nullptr : &kv_[it->second].second;
+}
+
+size_t GgufFile::MetadataHeapBytes() const {
+  size_t n = kv_.capacity() * sizeof(kv_[0]);
+  for (const auto& [key, value] : kv_) {
+    n += (key.capacity() > 15 ? key.capacity() + 1 : 0) + value.HeapBytes();
+    n += 64 + (key.capacity() > 15 ? key.capacity() + 1 : 0);  // kv_index_: a tree node and its key
+  }
+  return n;
 }
 
 const GgufTensorInfo* GgufFile::FindTensor(const std::string& name) const {
@@ -498,8 +631,8 @@ StatusOr<std::vector<std::string>> GgufFile::GetStringArray(const std::string& k
     return WrongType(path(), key, "array of string", *v);
   }
   std::vector<std::string> out;
-  out.reserve(v->arr.size());
-  for (const GgufValue& e : v->arr) out.push_back(e.s);
+  out.reserve(v->size());
+  for (size_t k = 0; k < v->size(); ++k) out.emplace_back(v->StringAt(k));
   return out;
 }
 
@@ -509,10 +642,10 @@ StatusOr<std::vector<float>> GgufFile::GetFloatArray(const std::string& key) con
                        v->elem_type != GgufType::kArray && v->elem_type != GgufType::kBool;
   if (!numeric) return WrongType(path(), key, "array of f32", *v);
   std::vector<float> out;
-  out.reserve(v->arr.size());
-  for (const GgufValue& e : v->arr) {
+  out.reserve(v->size());
+  for (size_t k = 0; k < v->size(); ++k) {
     double d = 0;
-    AsDouble(e, &d);
+    AsDouble(v->At(k), &d);
     out.push_back(static_cast<float>(d));
   }
   return out;
@@ -524,9 +657,9 @@ StatusOr<std::vector<int32_t>> GgufFile::GetIntArray(const std::string& key) con
   probe.type = v->elem_type;
   if (v->type != GgufType::kArray || !probe.is_integer()) return WrongType(path(), key, "array of i32", *v);
   std::vector<int32_t> out;
-  out.reserve(v->arr.size());
-  for (size_t k = 0; k < v->arr.size(); ++k) {
-    const GgufValue& e = v->arr[k];
+  out.reserve(v->size());
+  for (size_t k = 0; k < v->size(); ++k) {
+    const GgufValue e = v->At(k);
     const bool fits = IsSignedType(e.type) ? (e.i >= INT32_MIN && e.i <= INT32_MAX) : e.u <= INT32_MAX;
     if (!fits) {
       return Corrupt(path() + ": key " + Quote(key) + ": element " + std::to_string(k) + " = " + IntText(e) +

@@ -7,6 +7,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "core/mapped_file.h"
@@ -21,8 +22,11 @@ enum class GgufType : uint32_t {
 };
 const char* GgufTypeName(GgufType t);
 
-// One metadata value. Scalars keep their numeric value in the field matching their kind;
-// arrays hold their elements (each a scalar or string; nested arrays are allowed by the spec).
+// One metadata value. Scalars keep their numeric value in the field matching their kind.
+// Arrays are stored compactly (a file of N bytes never costs much more than N bytes of memory):
+// scalar elements as their little-endian bytes, strings concatenated with their end offsets,
+// nested arrays (allowed by the spec, rare) as one GgufValue each. Read elements with At(k) /
+// StringAt(k), or through GgufFile's typed array getters.
 struct GgufValue {
   GgufType type = GgufType::kU8;
   GgufType elem_type = GgufType::kU8;  // arrays only
@@ -30,11 +34,27 @@ struct GgufValue {
   int64_t i = 0;    // kI8..kI64
   double f = 0.0;   // kF32, kF64
   std::string s;    // kString
-  std::vector<GgufValue> arr;  // kArray
+  // kArray:
+  uint64_t count = 0;               // number of elements
+  std::vector<uint8_t> bytes;       // scalar elements: count x ElementBytes(elem_type); strings: all
+                                    // characters, element k ending at str_ends[k]
+  std::vector<uint64_t> str_ends;   // arrays of strings
+  std::vector<GgufValue> arr;       // arrays of arrays
 
   bool is_integer() const;
   bool is_float() const { return type == GgufType::kF32 || type == GgufType::kF64; }
+  size_t size() const { return static_cast<size_t>(count); }  // elements of an array
+  // Element k (< size()) of an array of scalars or strings, as a scalar value of elem_type.
+  // For an array of arrays, use arr[k].
+  GgufValue At(size_t k) const;
+  // Element k (< size()) of an array of strings.
+  std::string_view StringAt(size_t k) const;
+  // Heap bytes this value holds (its arrays' storage and strings, nested values included).
+  size_t HeapBytes() const;
 };
+
+// Bytes one scalar element of type t takes in the file (0 for kString and kArray).
+size_t GgufScalarBytes(GgufType t);
 
 struct GgufTensorInfo {
   std::string name;
@@ -54,6 +74,7 @@ struct GgufLimits {
   uint64_t max_kv = 1u << 20;
   uint64_t max_string_bytes = 1u << 26;   // 64 MiB
   uint64_t max_array_elems = 1u << 26;
+  uint64_t max_nested_arrays = 1u << 16;  // arrays inside arrays, over the whole file
   uint32_t max_dims = 4;
   int max_array_depth = 4;
 };
@@ -75,6 +96,8 @@ class GgufFile {
   // Metadata, in file order.
   const std::vector<std::pair<std::string, GgufValue>>& metadata() const { return kv_; }
   const GgufValue* Find(const std::string& key) const;
+  // Heap bytes held by the metadata (keys and values): proportional to the file's metadata bytes.
+  size_t MetadataHeapBytes() const;
 
   // Typed getters. Missing key -> kNotFound; wrong type or value out of range -> kCorrupt
   // (message names file, key, expected and found type).

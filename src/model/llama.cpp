@@ -34,6 +34,18 @@ StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& path) {
 
 namespace {
 
+// kOutOfRange when x[n][width] holds a NaN or an infinity, naming the layer whose output it is
+// (-1: the logits) and the row's token position.
+Status CheckActivations(const float* x, int n, int width, const int32_t* pos, int layer) {
+  const int64_t i = FirstNonFinite(x, static_cast<int64_t>(n) * width);
+  if (i < 0) return Status::Ok();
+  const int64_t row = i / width;
+  const std::string where = layer < 0 ? "logits" : "layer " + std::to_string(layer) + " output";
+  return OutOfRange("forward: " + where + ": non-finite value " + std::to_string(x[i]) + " at token position " +
+                    std::to_string(pos[row]) + ", column " + std::to_string(i % width) +
+                    " (the numbers overflowed fp32: check the model and the profile)");
+}
+
 // Reads "<arch>.<suffix>" as a positive int within [lo, hi].
 StatusOr<int> HParam(const GgufFile& f, const std::string& arch, const std::string& suffix, int64_t lo, int64_t hi,
                      const int64_t* def = nullptr) {
@@ -67,7 +79,8 @@ Status Model::LoadConfig() {
   ModelConfig& c = config_;
   DK_ASSIGN_OR_RETURN(c.arch, f.GetString("general.architecture"));
   if (c.arch != "llama" && c.arch != "qwen2") {
-    return Unimplemented(f.path() + ": general.architecture '" + c.arch + "' is not supported (llama, qwen2)");
+    return Unimplemented(f.path() + ": general.architecture '" + Printable(c.arch) +
+                         "' is not supported (llama, qwen2)");
   }
   auto name = f.GetString("general.name");
   c.name = name.ok() ? name.value() : "";
@@ -114,6 +127,9 @@ StatusOr<const float*> Model::Weight(const std::string& name, const std::vector<
   fingerprint_ = Fnv1a(fingerprint_, t->data, std::min<size_t>(t->nbytes, 4096));
   fingerprint_ = Fnv1a(fingerprint_, t->data + t->nbytes - std::min<size_t>(t->nbytes, 4096), std::min<size_t>(t->nbytes, 4096));
   weight_bytes_ += static_cast<size_t>(t->n_elements()) * 4;
+  // NaN or infinity in a weight would surface as "PPL = nan" much later: refuse the file now.
+  DK_RETURN_IF_ERROR(
+      CheckFinite(t->type, t->data, t->n_elements()).WithContext(gguf_->path() + ": tensor '" + name + "'"));
   if (t->type == GgmlType::kF32 && reinterpret_cast<uintptr_t>(t->data) % alignof(float) == 0) {
     return reinterpret_cast<const float*>(t->data);
   }
@@ -199,12 +215,15 @@ Status Model::Forward(const int32_t* tokens, int n, KvCache& cache, ForwardState
     MatMulWT(st.xn.data(), w.w_up, st.up.data(), n, E, F);
     SwiGlu(st.gate.data(), st.up.data(), st.gate.data(), static_cast<int64_t>(n) * F);
     MatMulWTAdd(st.gate.data(), w.w_down, st.x.data(), n, F, E);
+    // A NaN or infinity would flow through every later layer into the logits (and "PPL = nan"):
+    // stop at the layer that made it. One pass over n x E values, next to n x E x (Q + 2 F) FLOPs.
+    DK_RETURN_IF_ERROR(CheckActivations(st.x.data(), n, E, st.pos.data(), l));
   }
   const int first_out = all_logits ? 0 : n - 1;
   const int n_out = n - first_out;
   RmsNorm(st.x.data() + static_cast<size_t>(first_out) * E, output_norm_, st.xn.data(), n_out, E, c.rms_eps);
   MatMulWT(st.xn.data(), output_, logits, n_out, E, c.n_vocab);
-  return Status::Ok();
+  return CheckActivations(logits, n_out, c.n_vocab, st.pos.data() + first_out, -1);
 }
 
 }  // namespace dk

@@ -523,6 +523,7 @@ struct Tokenizer::Impl {
   std::unordered_map<std::string_view, int32_t> token_to_id;  // views into data.tokens
   std::array<int32_t, 256> byte_token{};                      // llama byte fallback per byte
   std::vector<int32_t> user_defined;                          // longest text first
+  std::vector<int32_t> special_tokens;  // control, unknown and user-defined, longest text first
   std::unordered_set<int32_t> eog;
   // gpt2
   std::unordered_map<std::string, int32_t> merge_rank;  // key: MergeKey(left, right)
@@ -546,6 +547,8 @@ struct Tokenizer::Impl {
   }
 
   void EncodeSpm(const std::string& escaped, std::vector<int32_t>& out) const;
+  std::vector<int32_t> EncodeText(const std::string& text, bool add_special,
+                                  const std::vector<int32_t>& split_out) const;
   void EncodeBpeWord(std::string_view word, std::vector<int32_t>& out) const;
 };
 
@@ -742,8 +745,14 @@ StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromData(TokenizerData data) {
       impl->eog.insert(static_cast<int32_t>(i));
     }
   }
-  std::stable_sort(impl->user_defined.begin(), impl->user_defined.end(),
-                   [&](int32_t a, int32_t b) { return d.tokens[a].size() > d.tokens[b].size(); });
+  for (size_t i = 0; i < n; ++i) {
+    const TokenType t = impl->TypeOf(static_cast<int32_t>(i));
+    if (t == TokenType::kControl || t == TokenType::kUnknown || t == TokenType::kUserDefined)
+      impl->special_tokens.push_back(static_cast<int32_t>(i));
+  }
+  auto longer = [&](int32_t a, int32_t b) { return d.tokens[a].size() > d.tokens[b].size(); };
+  std::stable_sort(impl->user_defined.begin(), impl->user_defined.end(), longer);
+  std::stable_sort(impl->special_tokens.begin(), impl->special_tokens.end(), longer);
   if (d.eos_id >= 0) impl->eog.insert(d.eos_id);
 
   if (is_llama) {
@@ -791,7 +800,7 @@ StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromGguf(const GgufFile& gguf) {
   DK_ASSIGN_OR_RETURN(d.model, gguf.GetString("tokenizer.ggml.model"));
   const bool is_llama = d.model == "llama";
   if (!is_llama && d.model != "gpt2") {
-    return Unimplemented(gguf.path() + ": tokenizer.ggml.model: unsupported tokenizer model '" + d.model +
+    return Unimplemented(gguf.path() + ": tokenizer.ggml.model: unsupported tokenizer model '" + Printable(d.model) +
                          "' (supported: llama, gpt2)");
   }
   DK_ASSIGN_OR_RETURN(d.tokens, gguf.GetStringArray("tokenizer.ggml.tokens"));
@@ -812,7 +821,7 @@ StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromGguf(const GgufFile& gguf) {
     }
     const PreTokenizerDef* pre = FindPreTokenizer(d.pre.empty() ? "default" : d.pre);
     if (pre == nullptr) {
-      return Unimplemented(gguf.path() + ": tokenizer.ggml.pre: unknown pre-tokenizer '" + d.pre +
+      return Unimplemented(gguf.path() + ": tokenizer.ggml.pre: unknown pre-tokenizer '" + Printable(d.pre) +
                            "' (known: " + KnownPreTokenizerList() + ")");
     }
     pre_add_bos = pre->add_bos;
@@ -854,17 +863,26 @@ Tokenizer::~Tokenizer() = default;
 
 // ---- encode / decode ----
 std::vector<int32_t> Tokenizer::Encode(const std::string& text, bool add_special) const {
-  const Impl& m = *impl_;
+  return impl_->EncodeText(text, add_special, impl_->user_defined);
+}
+
+std::vector<int32_t> Tokenizer::EncodeWithSpecial(const std::string& text, bool add_special) const {
+  return impl_->EncodeText(text, add_special, impl_->special_tokens);
+}
+
+// Fragments: raw text ranges, or a token of `split_out` found in the text (llama.cpp splits
+// user-defined tokens out even when special-token parsing is off; control tokens only with it).
+std::vector<int32_t> Tokenizer::Impl::EncodeText(const std::string& text, bool add_special,
+                                                 const std::vector<int32_t>& split_out) const {
+  const Impl& m = *this;
   const TokenizerData& d = m.data;
-  // Fragments: raw text ranges, or a user-defined token found in the text (llama.cpp splits
-  // those out even when special-token parsing is off; control tokens are not parsed).
   struct Fragment {
     size_t start, len;
     int32_t token;  // -1 for raw text
   };
   std::vector<Fragment> frags;
   if (!text.empty()) frags.push_back({0, text.size(), -1});
-  for (const int32_t special : m.user_defined) {
+  for (const int32_t special : split_out) {
     const std::string& st = d.tokens[special];
     if (st.empty()) continue;
     std::vector<Fragment> next;

@@ -61,6 +61,10 @@ class Tokenizer {
   // Encodes text. add_special: prepend BOS / append EOS as the file says.
   // Special-token text in the input is NOT parsed (like llama.cpp with parse_special=false).
   std::vector<int32_t> Encode(const std::string& text, bool add_special) const;
+  // As Encode, but the text of control, unknown and user-defined tokens ("<|im_start|>", "</s>")
+  // becomes those tokens' ids (llama.cpp's parse_special=true, longest text first): for prompts
+  // built from chat templates, never for text a user typed.
+  std::vector<int32_t> EncodeWithSpecial(const std::string& text, bool add_special) const;
   // Text of one token as printed (▁ -> space, <0xXX> -> the byte, control tokens -> their text, e.g. "<s>").
   std::string TokenToPiece(int32_t id) const;
   // The pieces the pre-tokenizer cuts raw text into before BPE (gpt2 vocabularies; the whole text

@@ -79,6 +79,22 @@ void AddBias(float* x, const float* bias, int n, int dim) {
     for (int i = 0; i < dim; ++i) x[static_cast<int64_t>(r) * dim + i] += bias[i];
 }
 
+int64_t FirstNonFinite(const float* x, int64_t n) {
+  constexpr int64_t kBlock = 1024;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t m = n - b < kBlock ? n - b : kBlock;
+    const float* p = x + b;
+    // x - x is 0 for a finite x and NaN for NaN or infinity; NaN compares false, so `bad` counts them.
+    int bad = 0;
+#pragma omp simd reduction(+ : bad)
+    for (int64_t i = 0; i < m; ++i) bad += !((p[i] - p[i]) == 0.0f);
+    if (bad == 0) continue;
+    for (int64_t i = 0; i < m; ++i)
+      if (!std::isfinite(p[i])) return b + i;
+  }
+  return -1;
+}
+
 float Dot(const float* a, const float* b, int n) {
   float s = 0.0f;
 #pragma omp simd reduction(+ : s)

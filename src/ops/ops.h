@@ -30,6 +30,10 @@ void Softmax(float* x, int n);
 // Adds bias[dim] to each of n rows.
 void AddBias(float* x, const float* bias, int n, int dim);
 
+// Index of the first NaN or infinity in x[n], or -1 when every value is finite. Branch-free over
+// blocks (one pass at memory speed), so a forward pass can check its activations for free.
+int64_t FirstNonFinite(const float* x, int64_t n);
+
 float Dot(const float* a, const float* b, int n);
 // y += a * x
 void Axpy(float a, const float* x, float* y, int n);

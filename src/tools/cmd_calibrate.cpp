@@ -60,6 +60,7 @@ int CmdCalibrate(int argc, char** argv) {
   if (model_path.empty()) return UsageError("calibrate", p, InvalidArgument("-m: a model file is required"));
   if (text_file.empty()) return UsageError("calibrate", p, InvalidArgument("-f: a text file is required"));
   if (out_path.empty()) return UsageError("calibrate", p, InvalidArgument("-o: an output profile path is required"));
+  if (Status s = CheckOutputPath(out_path, "-o"); !s.ok()) return UsageError("calibrate", p, s);
   CalibrateOptions opt{n_ctx, n_batch, chunks, {}};
   if (p.WasSet("--levels")) {
     auto levels = ParseLevels(levels_text);
@@ -76,6 +77,7 @@ int CmdCalibrate(int argc, char** argv) {
     if (!levels.ok()) return UsageError("calibrate", p, levels.status());
     opt.levels = std::move(*levels);
   }
+  WarnAboveTrainingContext("calibrate", m, n_ctx);
   auto text = ReadWholeFile(text_file);
   if (!text.ok()) return Fail("calibrate", text.status());
   const std::vector<int32_t> tokens = m.tokenizer().Encode(*text, true);

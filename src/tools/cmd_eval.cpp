@@ -142,6 +142,7 @@ int CmdEval(int argc, char** argv) {
   if (!spec.ok()) return CacheError("eval", p, spec.status());
   if (auto runs = ExpandRuns(*spec); !runs.ok()) return CacheError("eval", p, runs.status());
   if (!write_config.empty()) {
+    if (Status s = CheckOutputPath(write_config, "--write-config"); !s.ok()) return UsageError("eval", p, s);
     const std::string out = EvalSpecToJson(*spec).dump(2) + "\n";
     if (Status s = WriteFileAtomically(write_config, out.data(), out.size()); !s.ok()) return Fail("eval", s);
     std::printf("wrote %s\n", write_config.c_str());
@@ -150,6 +151,7 @@ int CmdEval(int argc, char** argv) {
 
   auto model = Model::Load(spec->model);
   if (!model.ok()) return Fail("eval", model.status());
+  WarnAboveTrainingContext("eval", **model, spec->ppl_ctx);
   ThreadPool pool(threads);
   SetBlasThreads(threads);
   // One line per task (tasks take seconds to minutes): which runs, how far along, the time so far.

@@ -50,6 +50,7 @@ int CmdGenerate(int argc, char** argv) {
   if (!model.ok()) return Fail("generate", model.status());
   const Model& m = **model;
   if (n_ctx == 0) n_ctx = m.config().n_ctx_train;
+  WarnAboveTrainingContext("generate", m, n_ctx);
   const std::vector<int32_t> tokens = m.tokenizer().Encode(prompt, true);
   if (static_cast<int>(tokens.size()) > n_ctx) {
     return Fail("generate", InvalidArgument("the prompt has " + std::to_string(tokens.size()) +

@@ -29,7 +29,7 @@ int CmdInfo(int argc, char** argv) {
   const GgufFile& g = m.gguf();
   std::printf("file            %s (GGUF v%u, %zu bytes, %zu tensors, %zu metadata keys)\n", model_path.c_str(),
               g.version(), g.file_size(), g.tensors().size(), g.metadata().size());
-  std::printf("name            %s\narch            %s\n", c.name.c_str(), c.arch.c_str());
+  std::printf("name            %s\narch            %s\n", Printable(c.name).c_str(), c.arch.c_str());
   std::printf("n_vocab         %d\nn_embd          %d\nn_layer         %d\n", c.n_vocab, c.n_embd, c.n_layer);
   std::printf("n_head          %d\nn_head_kv       %d (GQA group %d)\nhead_dim        %d\n", c.n_head, c.n_head_kv,
               c.n_head / c.n_head_kv, c.head_dim);
@@ -47,7 +47,7 @@ int CmdInfo(int argc, char** argv) {
   std::printf("fingerprint     %016llx\n", static_cast<unsigned long long>(m.fingerprint()));
   if (tensors) {
     for (const GgufTensorInfo& t : g.tensors())
-      std::printf("  %-28s %-6s %s\n", t.name.c_str(), TypeName(static_cast<uint32_t>(t.type)).c_str(),
+      std::printf("  %-28s %-6s %s\n", Printable(t.name).c_str(), TypeName(static_cast<uint32_t>(t.type)).c_str(),
                   t.shape_string().c_str());
   }
   if (!profile_path.empty()) {

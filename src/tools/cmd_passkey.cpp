@@ -96,6 +96,8 @@ int CmdPasskey(int argc, char** argv) {
   }
   if (p.WasSet("--json") && json_path.empty())
     return UsageError("passkey", p, InvalidArgument("--json: expected a file name"));
+  if (!json_path.empty())
+    if (Status s = CheckOutputPath(json_path, "--json"); !s.ok()) return UsageError("passkey", p, s);
   opt.seed = seed;
   if (Status s = ValidatePasskeyOptions(opt); !s.ok()) return UsageError("passkey", p, s);
   if (Status s = ValidateKvFlags(p, kv); !s.ok()) return UsageError("passkey", p, s);
@@ -106,6 +108,7 @@ int CmdPasskey(int argc, char** argv) {
   auto text = ReadWholeFile(text_file);
   if (!text.ok()) return Fail("passkey", text.status());
   if (n_ctx == 0) n_ctx = m.config().n_ctx_train;
+  WarnAboveTrainingContext("passkey", m, n_ctx);
   // Windows whose prompt and answer would overflow the context are redrawn rather than failed:
   // a dense stretch of numbers costs twice the tokens per word of prose.
   const int max_prompt_tokens = n_ctx - (opt.n_predict - 1);

@@ -51,9 +51,7 @@ int CmdPerplexity(int argc, char** argv) {
     return Fail("perplexity", InvalidArgument("-c " + std::to_string(n_ctx) + ": the text has " +
                                               std::to_string(tokens.size()) + " tokens; at least 2 * n_ctx = " +
                                               std::to_string(2LL * n_ctx) + " are needed (use a smaller -c)"));
-  if (n_ctx > m.config().n_ctx_train)
-    std::fprintf(stderr, "perplexity: warning: -c %d is above the model's training context (%d)\n", n_ctx,
-                 m.config().n_ctx_train);
+  WarnAboveTrainingContext("perplexity", m, n_ctx);
   const uint64_t logit_bytes = static_cast<uint64_t>(n_ctx) * m.config().n_vocab * 4 * (kl ? 2 : 1);
   if (Status s = CheckMemory(logit_bytes, "-c " + std::to_string(n_ctx) + ": the logits of a chunk"); !s.ok())
     return Fail("perplexity", s);

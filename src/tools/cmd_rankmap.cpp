@@ -32,6 +32,7 @@ int CmdRankmap(int argc, char** argv) {
   if (model_path.empty()) return UsageError("rankmap", p, InvalidArgument("-m: a model file is required"));
   if (text_file.empty()) return UsageError("rankmap", p, InvalidArgument("-f: a text file is required"));
   if (out_path.empty()) return UsageError("rankmap", p, InvalidArgument("-o: an output file is required"));
+  if (Status s = CheckOutputPath(out_path, "-o"); !s.ok()) return UsageError("rankmap", p, s);
   if (kv.method != "dynakv")
     return UsageError("rankmap", p, InvalidArgument("--kv: rankmap shows the ranks of a dynakv cache"));
   if (!kv.options.Has("--rank-policy")) kv.Set("--rank-policy", "router");

@@ -2,8 +2,6 @@
 // from the full-cache model, and writes it into a new profile (format version 2).
 #include <algorithm>
 #include <cstdio>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #include <nlohmann/json.hpp>
 
@@ -16,24 +14,6 @@
 #include "train/trainer.h"
 
 namespace dk::cli {
-
-namespace {
-
-// The folder -o writes into must exist before hours of training are spent.
-Status CheckOutputPath(const std::string& path, const char* flag) {
-  const size_t slash = path.find_last_of('/');
-  const std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
-  struct stat st;
-  if (::stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode))
-    return InvalidArgument(std::string(flag) + ": folder '" + dir + "' of " + path + " does not exist");
-  if (::access(dir.c_str(), W_OK) != 0)
-    return InvalidArgument(std::string(flag) + ": folder '" + dir + "' of " + path + " is not writable");
-  if (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode))
-    return InvalidArgument(std::string(flag) + ": " + path + " is a folder, expected a file name");
-  return Status::Ok();
-}
-
-}  // namespace
 
 int CmdTrainRouter(int argc, char** argv) {
   std::string model_path, profile_path, text_file, docs_file, out_path, log_path, checkpoint;
@@ -92,6 +72,8 @@ int CmdTrainRouter(int argc, char** argv) {
   if (Status s = CheckOutputPath(out_path, "-o"); !s.ok()) return UsageError("train-router", p, s);
   if (!log_path.empty())
     if (Status s = CheckOutputPath(log_path, "--log"); !s.ok()) return UsageError("train-router", p, s);
+  if (Status s = CheckOutputPath(o.checkpoint_path, checkpoint.empty() ? "-o" : "--checkpoint"); !s.ok())
+    return UsageError("train-router", p, s);
 
   auto model = Model::Load(model_path);
   if (!model.ok()) return Fail("train-router", model.status());

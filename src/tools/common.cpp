@@ -4,6 +4,8 @@
 #include <cstdio>
 #include <thread>
 
+#include "core/mapped_file.h"
+
 namespace dk::cli {
 
 int UsageError(const std::string& command, const ArgParser& parser, const Status& status) {
@@ -18,6 +20,17 @@ int Fail(const std::string& command, const Status& status) {
 
 int CacheError(const std::string& command, const ArgParser& parser, const Status& status) {
   return status.code() == Code::kInvalidArgument ? UsageError(command, parser, status) : Fail(command, status);
+}
+
+Status CheckOutputPath(const std::string& path, const char* flag) {
+  if (Status s = CheckWritableFile(path); !s.ok()) return InvalidArgument(std::string(flag) + ": " + s.message());
+  return Status::Ok();
+}
+
+void WarnAboveTrainingContext(const std::string& command, const Model& model, int n_ctx, const char* flag) {
+  if (n_ctx > model.config().n_ctx_train)
+    std::fprintf(stderr, "%s: warning: %s %d is above the model's training context (%d)\n", command.c_str(), flag,
+                 n_ctx, model.config().n_ctx_train);
 }
 
 int DefaultThreads() {

@@ -23,6 +23,12 @@ int Fail(const std::string& command, const Status& status);
 // A failed cache creation: a bad flag value (kInvalidArgument) is a usage error, the rest fail.
 int CacheError(const std::string& command, const ArgParser& parser, const Status& status);
 
+// The file a flag names (-o, --json, --log, ...) can be written: checked before the work that
+// produces it (a calibration, hours of training). InvalidArgument naming the flag and the path.
+Status CheckOutputPath(const std::string& path, const char* flag);
+// A warning on stderr when a context size is above what the model was trained on.
+void WarnAboveTrainingContext(const std::string& command, const Model& model, int n_ctx, const char* flag = "-c");
+
 int DefaultThreads();
 void AddKvFlags(ArgParser& p, KvConfig* kv);
 // Cross-flag checks of the KV options (e.g. --rank only with uniform). InvalidArgument names the flag.
@@ -38,5 +44,6 @@ int CmdRankmap(int argc, char** argv);
 int CmdEval(int argc, char** argv);
 int CmdExportProfile(int argc, char** argv);
 int CmdPasskey(int argc, char** argv);
+int CmdServe(int argc, char** argv);
 
 }  // namespace dk::cli

@@ -22,6 +22,7 @@ void PrintUsage(FILE* out) {
                "  passkey     passkey retrieval accuracy (a key hidden in a haystack of text), any KV cache\n"
                "  eval        compare KV methods at equal cache fractions (perplexity/KL, passkey, speed)\n"
                "  export-profile  a profile as safetensors + JSON for PyTorch serving engines\n"
+               "  serve       an HTTP server with OpenAI's API (completions, chat, streaming), S slots\n"
                "run 'dynakv <command> --help' for its flags\n");
 }
 
@@ -49,6 +50,7 @@ int Dispatch(int argc, char** argv) {
   if (cmd == "passkey") return CmdPasskey(argc, argv);
   if (cmd == "eval") return CmdEval(argc, argv);
   if (cmd == "export-profile") return CmdExportProfile(argc, argv);
+  if (cmd == "serve") return CmdServe(argc, argv);
   std::fprintf(stderr, "dynakv: unknown command '%s'\n", cmd.c_str());
   PrintUsage(stderr);
   return kExitUsage;

@@ -1,0 +1,429 @@
+// `dynakv serve` as a process on a loopback port: the official openai npm client against it
+// (greedy answers equal `dynakv generate --temp 0`), errors over HTTP, prefix reuse seen in
+// /metrics, shutdown on SIGTERM, and a load test of good, malformed and hung-up requests with the
+// full cache and with DynaKV at 25 %. The node tests skip when node or tests/node/node_modules is
+// missing (scripts/setup.sh installs them).
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <httplib.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "model/llama.h"
+#include "serve/chat_template.h"
+#include "test_util.h"
+
+namespace dk {
+namespace {
+
+using json = nlohmann::json;
+using ::testing::HasSubstr;
+using test::DataPath;
+
+const std::string kModel = DataPath("brown-kjv-llama-6M-v2-f16.gguf");
+const std::string kNodeDir = std::string(DK_TEST_DATA) + "/../node";
+
+std::string Temp(const std::string& name) {
+  return ::testing::TempDir() + "dk_serve_" + std::to_string(::getpid()) + "_" + name;
+}
+
+// Why the node tests cannot run, or "".
+std::string NodeMissing() {
+  if (std::system("node --version >/dev/null 2>&1") != 0) return "node is not installed";
+  if (test::ReadText(kNodeDir + "/node_modules/openai/package.json").empty())
+    return "tests/node/node_modules is missing (npm ci --prefix tests/node, as scripts/setup.sh does)";
+  return "";
+}
+
+// A `dynakv serve` child process on a free port, stopped with SIGTERM.
+class ServeProcess {
+ public:
+  ~ServeProcess() {
+    if (pid_ > 0) {
+      kill(pid_, SIGKILL);
+      waitpid(pid_, nullptr, 0);
+    }
+  }
+
+  // Starts the server with `args` (shell-quoted) and waits until /health answers 200.
+  void Start(const std::string& args, double timeout_s = 60) {
+    log_ = Temp("server" + std::to_string(count_++) + ".log");
+    const std::string cmd = "exec " + std::string(DK_CLI_PATH) + " serve --port 0 -m " + kModel + " " + args + " >" +
+                            log_ + " 2>&1 </dev/null";
+    pid_ = fork();
+    ASSERT_GE(pid_, 0);
+    if (pid_ == 0) {
+      execl("/bin/sh", "sh", "-c", cmd.c_str(), static_cast<char*>(nullptr));
+      _exit(127);
+    }
+    const auto until = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+    while (port_ <= 0 || !Healthy()) {
+      ASSERT_LT(std::chrono::steady_clock::now(), until) << "the server did not come up:\n" << Log();
+      ASSERT_EQ(waitpid(pid_, nullptr, WNOHANG), 0) << "the server exited:\n" << Log();
+      const std::string log = Log();
+      const size_t at = log.find("listening on http://127.0.0.1:");
+      if (at != std::string::npos) port_ = std::atoi(log.c_str() + at + 30);
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+  }
+
+  bool Healthy() {
+    httplib::Client c("127.0.0.1", port_);
+    auto r = c.Get("/health");
+    return r && r->status == 200;
+  }
+
+  // SIGTERM, then the exit code (-1 if it did not exit within the timeout).
+  int Stop(double timeout_s = 30) {
+    kill(pid_, SIGTERM);
+    const auto until = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+    int status = 0;
+    while (waitpid(pid_, &status, WNOHANG) == 0) {
+      if (std::chrono::steady_clock::now() > until) return -1;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    pid_ = -1;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  }
+
+  int port() const { return port_; }
+  std::string url() const { return "http://127.0.0.1:" + std::to_string(port_); }
+  std::string Log() const { return test::ReadText(log_); }
+  pid_t pid() const { return pid_; }
+
+ private:
+  static inline int count_ = 0;
+  pid_t pid_ = -1;
+  int port_ = 0;
+  std::string log_;
+};
+
+const Tokenizer& Tok() {
+  static std::unique_ptr<Model> model = std::move(Model::Load(kModel)).value();
+  return model->tokenizer();
+}
+
+// What `dynakv generate --temp 0` continues `prompt` with (the printed prompt cut off; the
+// end-of-text token, which a server does not send, dropped).
+std::string GenerateText(const std::string& prompt, int n, const std::string& flags) {
+  const std::string file = Temp("prompt.txt");
+  std::ofstream(file, std::ios::binary) << prompt;
+  const test::CliResult r = test::RunCli("generate -m " + kModel + " -f " + file + " --temp 0 -n " + std::to_string(n) +
+                                         " " + flags);
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  const std::string head = Tok().Decode(Tok().Encode(prompt, true));
+  EXPECT_EQ(r.out.rfind(head, 0), 0u) << r.out;
+  std::string text = r.out.substr(head.size(), r.out.size() - head.size() - 1);  // and the final newline
+  const std::string eos = Tok().TokenToPiece(Tok().eos_id());
+  if (text.size() >= eos.size() && text.compare(text.size() - eos.size(), eos.size(), eos) == 0)
+    text.resize(text.size() - eos.size());
+  return text;
+}
+
+json RunNode(const std::string& script, const std::string& args) {
+  const std::string out = Temp("node.json"), err = Temp("node.err");
+  const int rc = std::system(("node " + kNodeDir + "/" + script + " " + args + " >" + out + " 2>" + err).c_str());
+  EXPECT_EQ(rc, 0) << test::ReadText(err);
+  return json::parse(test::ReadText(out), nullptr, false);
+}
+
+double Metric(const std::string& url, const std::string& name) {
+  httplib::Client c(url);
+  auto r = c.Get("/metrics");
+  if (!r) return -1;
+  const size_t at = r->body.find("\n" + name + " ");
+  return at == std::string::npos ? -1 : std::atof(r->body.c_str() + at + name.size() + 2);
+}
+
+constexpr int kMaxTokens = 24;
+const std::string kFlags = "-c 256 -t 2";
+
+TEST(ServeCli, BadFlagsAndFilesExitAsTheOtherCommands) {
+  struct Case {
+    std::string args, needle;
+    int code;
+  } cases[] = {
+      {"serve --port 0", "-m: a model file is required", 2},
+      {"serve --port 0 -m " + kModel + " --chat-template jinja", "--chat-template: unknown template 'jinja'", 2},
+      {"serve --port 70000 -m " + kModel, "--port: expected an integer in [0, 65535]", 2},
+      {"serve --port 0 -m " + kModel + " --rank 8", "--rank: only meaningful with", 2},
+      {"serve --port 0 -m " + kModel + " --kv dynakv", "--profile: dynakv needs a calibrated profile", 2},
+      {"serve --port 0 -m /nonexistent/model.gguf", "/nonexistent/model.gguf", 1},
+  };
+  for (const Case& c : cases) {
+    const test::CliResult r = test::RunCli(c.args);
+    EXPECT_EQ(r.exit_code, c.code) << c.args << "\n" << r.err;
+    EXPECT_THAT(r.err, HasSubstr(c.needle)) << c.args;
+  }
+}
+
+TEST(ServeE2E, OpenAiClientGetsWhatGenerateGives) {
+  if (std::string why = NodeMissing(); !why.empty()) GTEST_SKIP() << why;
+  ServeProcess server;
+  ASSERT_NO_FATAL_FAILURE(server.Start("--parallel 2 --chat-template chatml " + kFlags));
+  const json out = RunNode("openai_client.mjs", server.url() + " " + std::to_string(kMaxTokens));
+  ASSERT_FALSE(out.is_discarded());
+  EXPECT_EQ(out["models"], json::array({"brown-kjv-llama-6M-v2-f16.gguf"}));
+  ASSERT_EQ(out["completions"].size(), 4u);
+  for (const json& c : out["completions"]) {
+    const std::string prompt = c["prompt"];
+    SCOPED_TRACE(prompt + (c["stream"] ? " (stream)" : ""));
+    EXPECT_EQ(c["text"], GenerateText(prompt, kMaxTokens, kFlags));
+    EXPECT_EQ(c["object"], "text_completion");
+    EXPECT_EQ(c["usage"]["prompt_tokens"], Tok().Encode(prompt, true).size());
+    EXPECT_EQ(c["finish_reason"], c["usage"]["completion_tokens"] == kMaxTokens ? "length" : "stop");
+    if (c["stream"]) {
+      EXPECT_GT(c["chunks"], 2);
+    }
+  }
+  // The chat prompt as the server builds it: chatml, its markers plain text for this model.
+  const std::vector<ChatMessage> conversation = {{"system", "You are a helpful assistant."},
+                                                 {"user", "Who made the heaven and the earth?"}};
+  ChatTemplate chatml = ChatTemplate::For(ChatFamily::kChatml, Tok());
+  std::string want = GenerateText(FormatChat(chatml, conversation).value(), kMaxTokens, kFlags);
+  want = want.substr(0, want.find("<|im_end|>"));  // the template's end of turn stops a chat answer
+  ASSERT_EQ(out["chats"].size(), 2u);
+  for (const json& c : out["chats"]) {
+    SCOPED_TRACE(c["stream"] ? "chat (stream)" : "chat");
+    EXPECT_EQ(c["text"], want);
+    EXPECT_EQ(c["role"], "assistant");
+    EXPECT_EQ(c["object"], c["stream"] ? "chat.completion.chunk" : "chat.completion");
+  }
+  ASSERT_EQ(out["errors"].size(), 1u);
+  EXPECT_EQ(out["errors"][0]["status"], 400);
+  EXPECT_EQ(out["errors"][0]["class"], "BadRequestError");
+  EXPECT_EQ(out["errors"][0]["param"], "max_tokens");
+  EXPECT_EQ(out["errors"][0]["type"], "invalid_request_error");
+  EXPECT_GE(Metric(server.url(), "dynakv_tokens_generated_total"), 4 * kMaxTokens);
+  EXPECT_NEAR(Metric(server.url(), "dynakv_kv_fraction"), 1.0, 1e-9);  // the fp16 full cache
+  EXPECT_EQ(server.Stop(), 0) << server.Log();
+  EXPECT_THAT(server.Log(), HasSubstr("dynakv serve: stopped"));
+}
+
+httplib::Result Post(const ServeProcess& s, const std::string& path, const std::string& body) {
+  httplib::Client c("127.0.0.1", s.port());
+  c.set_read_timeout(60);
+  return c.Post(path.c_str(), body, "application/json");
+}
+
+json ErrorOf(const httplib::Result& r) { return r ? json::parse(r->body, nullptr, false)["error"] : json(); }
+
+TEST(ServeE2E, HttpErrorsAreOpenAiShaped) {
+  ServeProcess server;
+  ASSERT_NO_FATAL_FAILURE(server.Start("--parallel 1 -c 64 --max-body 2000 -t 2"));
+  auto chat = Post(server, "/v1/chat/completions", R"({"messages":[{"role":"user","content":"hi"}]})");
+  ASSERT_TRUE(chat);
+  EXPECT_EQ(chat->status, 500);  // this model has no chat template, and none was forced
+  EXPECT_THAT(ErrorOf(chat)["message"].get<std::string>(), HasSubstr("no chat template"));
+  EXPECT_THAT(ErrorOf(chat)["message"].get<std::string>(), HasSubstr("--chat-template"));
+  auto big = Post(server, "/v1/completions", "{\"prompt\": \"" + std::string(3000, 'a') + "\"}");
+  ASSERT_TRUE(big);
+  EXPECT_EQ(big->status, 413);
+  EXPECT_EQ(ErrorOf(big)["code"], "payload_too_large");
+  auto broken = Post(server, "/v1/completions", "{\"prompt\": ");
+  ASSERT_TRUE(broken);
+  EXPECT_EQ(broken->status, 400);
+  EXPECT_EQ(ErrorOf(broken)["code"], "invalid_json");
+  EXPECT_EQ(ErrorOf(broken)["type"], "invalid_request_error");
+  auto long_prompt = Post(server, "/v1/completions", "{\"prompt\": \"" + std::string(600, 'x') + " y\"}");
+  ASSERT_TRUE(long_prompt);
+  EXPECT_EQ(long_prompt->status, 400);
+  EXPECT_EQ(ErrorOf(long_prompt)["param"], "prompt");
+  EXPECT_EQ(ErrorOf(long_prompt)["code"], "context_length_exceeded");
+  httplib::Client c("127.0.0.1", server.port());
+  auto models = c.Get("/v1/models");
+  ASSERT_TRUE(models);
+  EXPECT_EQ(models->status, 200);
+  const json list = json::parse(models->body, nullptr, false);
+  EXPECT_EQ(list["object"], "list");
+  EXPECT_EQ(list["data"][0]["id"], "brown-kjv-llama-6M-v2-f16.gguf");
+  EXPECT_TRUE(list["data"][0]["meta"]["chat_template"].is_null());
+  EXPECT_EQ(list["data"][0]["meta"]["n_ctx"], 64);
+  auto missing = c.Get("/v1/nothing");
+  ASSERT_TRUE(missing);
+  EXPECT_EQ(missing->status, 404);
+  EXPECT_EQ(ErrorOf(missing)["type"], "not_found_error");
+  auto metrics = c.Get("/metrics");
+  ASSERT_TRUE(metrics);
+  EXPECT_THAT(metrics->body, HasSubstr("dynakv_requests_total{endpoint=\"/v1/completions\",status=\"413\"} 1"));
+  EXPECT_THAT(metrics->body, HasSubstr("dynakv_requests_total{endpoint=\"other\",status=\"404\"} 1"));
+  EXPECT_EQ(server.Stop(), 0) << server.Log();
+}
+
+// One token of answer leaves the slot holding exactly the prompt (the sampled token is not fed
+// back); a prompt that extends it then reuses every one of those tokens.
+TEST(ServeE2E, TheNextRequestReusesTheSlotsPrefix) {
+  const std::string first = "In the beginning God created", second = first + " the heaven and the earth";
+  const std::vector<int32_t> a = Tok().Encode(first, true), b = Tok().Encode(second, true);
+  ASSERT_TRUE(std::equal(a.begin(), a.end(), b.begin())) << "the test needs a token-level prefix";
+  ServeProcess server;
+  ASSERT_NO_FATAL_FAILURE(server.Start("--parallel 1 " + kFlags));
+  auto r1 = Post(server, "/v1/completions", json{{"prompt", first}, {"max_tokens", 1}, {"temperature", 0}}.dump());
+  ASSERT_TRUE(r1 && r1->status == 200);
+  EXPECT_EQ(Metric(server.url(), "dynakv_kv_tokens"), static_cast<double>(a.size()));
+  auto r2 = Post(server, "/v1/completions", json{{"prompt", second}, {"max_tokens", 4}, {"temperature", 0}}.dump());
+  ASSERT_TRUE(r2 && r2->status == 200) << (r2 ? r2->body : "no response");
+  EXPECT_EQ(Metric(server.url(), "dynakv_prompt_tokens_reused_total"), static_cast<double>(a.size()));
+  EXPECT_EQ(Metric(server.url(), "dynakv_prompt_tokens_total"), static_cast<double>(a.size() + b.size()));
+  EXPECT_EQ(server.Stop(), 0) << server.Log();
+}
+
+bool WaitForMetric(const std::string& url, const std::string& name, double value, double timeout_s) {
+  const auto until = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+  while (Metric(url, name) != value) {
+    if (std::chrono::steady_clock::now() > until) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return true;
+}
+
+// A long streaming request read until `stop` is set (then the client hangs up).
+std::thread LongStream(const ServeProcess& s, std::atomic<int>* events, std::atomic<bool>* stop) {
+  return std::thread([&s, events, stop] {
+    httplib::Client c("127.0.0.1", s.port());
+    httplib::Request req;
+    req.method = "POST";
+    req.path = "/v1/completions";
+    req.body = json{{"prompt", "In the beginning"}, {"max_tokens", 4000}, {"temperature", 0}, {"stream", true}}.dump();
+    req.set_header("Content-Type", "application/json");
+    req.content_receiver = [events, stop](const char*, size_t, uint64_t, uint64_t) {
+      ++*events;
+      return !stop->load();
+    };
+    c.send(req);
+  });
+}
+
+// Clients that hang up free their slot or their place in the queue at once: streaming (a write
+// fails), not streaming (the socket is watched between tokens) and waiting in the queue.
+TEST(ServeE2E, ClientsThatHangUpFreeTheirSlot) {
+  ServeProcess server;
+  ASSERT_NO_FATAL_FAILURE(server.Start("--parallel 1 --queue 4 -c 4096 -n 4000 -t 2"));
+  const std::string body = json{{"prompt", "In the beginning"}, {"max_tokens", 4000}, {"temperature", 0}}.dump();
+  {
+    httplib::Client c("127.0.0.1", server.port());
+    c.set_read_timeout(0, 300000);  // gives up after 0.3 s of the ~4000-token answer, and closes
+    EXPECT_FALSE(c.Post("/v1/completions", body, "application/json"));
+  }
+  EXPECT_TRUE(WaitForMetric(server.url(), "dynakv_slots_busy", 0, 3)) << "a non-streaming hang-up kept its slot";
+  std::atomic<int> events{0};
+  std::atomic<bool> stop{false};
+  std::thread stream = LongStream(server, &events, &stop);
+  while (events < 3) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  {
+    httplib::Client c("127.0.0.1", server.port());
+    c.set_read_timeout(0, 300000);  // waits in the queue behind the stream, then hangs up
+    EXPECT_FALSE(c.Post("/v1/completions", body, "application/json"));
+  }
+  EXPECT_TRUE(WaitForMetric(server.url(), "dynakv_queue_length", 0, 3)) << "a queued hang-up kept its place";
+  EXPECT_EQ(Metric(server.url(), "dynakv_slots_busy"), 1);
+  stop = true;
+  stream.join();
+  EXPECT_TRUE(WaitForMetric(server.url(), "dynakv_slots_busy", 0, 3)) << "a streaming hang-up kept its slot";
+  httplib::Client c("127.0.0.1", server.port());
+  auto m = c.Get("/metrics");
+  ASSERT_TRUE(m);
+  EXPECT_THAT(m->body, HasSubstr("dynakv_requests_total{endpoint=\"/v1/completions\",status=\"499\"} 2"));
+  EXPECT_EQ(server.Stop(), 0) << server.Log();
+}
+
+// SIGTERM while a long answer streams: the listener closes, the request gets the grace period,
+// then ends with an error event, and the process exits 0.
+TEST(ServeE2E, SigtermEndsRunningRequestsAndExitsZero) {
+  ServeProcess server;
+  ASSERT_NO_FATAL_FAILURE(server.Start("--parallel 1 -c 4096 -n 4000 --grace 0.3 -t 2"));
+  std::string body;
+  std::atomic<int> events{0};
+  std::thread client([&] {
+    httplib::Client c("127.0.0.1", server.port());
+    c.set_read_timeout(60);
+    httplib::Request req;
+    req.method = "POST";
+    req.path = "/v1/completions";
+    req.body = json{{"prompt", "In the beginning"}, {"max_tokens", 4000}, {"temperature", 0}, {"stream", true}}.dump();
+    req.set_header("Content-Type", "application/json");
+    req.content_receiver = [&](const char* data, size_t n, uint64_t, uint64_t) {
+      body.append(data, n);
+      ++events;
+      return true;
+    };
+    c.send(req);
+  });
+  while (events < 3) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  const auto t0 = std::chrono::steady_clock::now();
+  EXPECT_EQ(server.Stop(), 0) << server.Log();
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 10.0);
+  client.join();
+  EXPECT_THAT(body, HasSubstr("\"code\":\"shutting_down\""));
+  EXPECT_THAT(server.Log(), HasSubstr("shutting down"));
+}
+
+// ---- load ---------------------------------------------------------------------------------------------------
+
+const std::vector<std::string> kLoadPrompts = {
+    "In the beginning God created",       "And the earth was without form",
+    "The Fulton County Grand Jury said",  "Now these are the generations of",
+    "It recommended that Fulton legislators", "Blessed is the man that walketh not",
+    "The jury further said in term-end presentments", "And God said, Let there be light",
+};
+
+void RunLoad(const std::string& kv_flags) {
+  if (std::string why = NodeMissing(); !why.empty()) GTEST_SKIP() << why;
+  constexpr int kTokens = 16;
+  json expected = {{"max_tokens", kTokens}, {"prompts", json::array()}};
+  for (const std::string& p : kLoadPrompts)
+    expected["prompts"].push_back({{"prompt", p}, {"text", GenerateText(p, kTokens, kFlags + " " + kv_flags)}});
+  const std::string file = Temp("expected.json");
+  std::ofstream(file) << expected.dump();
+  ServeProcess server;
+  // 4 slots and 24 places in the queue for 32 clients: some requests find the queue full (503).
+  ASSERT_NO_FATAL_FAILURE(server.Start("--parallel 4 --queue 24 " + kFlags + " " + kv_flags));
+  const json r = RunNode("load.mjs", "--url " + server.url() + " --expected " + file +
+                                         " --clients 32 --requests 256 --seconds 60");
+  ASSERT_FALSE(r.is_discarded());
+  std::printf("load (%s): sent %d, answered correctly %d, wrong %d, rejected as expected %d (400) + %d (503), "
+              "hung up %d, crashed %d in %.1f s; KV fraction %.3f\n",
+              kv_flags.empty() ? "full cache" : kv_flags.c_str(), r["sent"].get<int>(), r["ok"].get<int>(),
+              r["wrong"].get<int>(), r["rejected_400"].get<int>(), r["rejected_503"].get<int>(),
+              r["hung_up"].get<int>(), r["crashed"].get<int>(), r["seconds"].get<double>(),
+              r["metrics"].value("dynakv_kv_fraction", -1.0));
+  EXPECT_EQ(r["crashed"], 0) << r.dump(2);
+  EXPECT_EQ(r["wrong"], 0) << r.dump(2);
+  EXPECT_GE(r["ok"], 20) << r.dump(2);  // how many depends on the machine's speed: the rest were 503s
+  EXPECT_GT(r["rejected_400"], 20) << r.dump(2);
+  EXPECT_GT(r["hung_up"], 5) << r.dump(2);
+  int accounted = 0;
+  for (const char* k : {"ok", "wrong", "rejected_400", "rejected_503", "hung_up", "crashed"}) accounted += r[k].get<int>();
+  EXPECT_EQ(r["sent"], accounted);
+  EXPECT_EQ(r["health"], 200);
+  // Hung-up requests are noticed at their next token: every slot is free again soon after.
+  for (int i = 0; i < 100 && Metric(server.url(), "dynakv_slots_busy") != 0; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_EQ(Metric(server.url(), "dynakv_slots_busy"), 0);
+  EXPECT_EQ(Metric(server.url(), "dynakv_queue_length"), 0);
+  EXPECT_TRUE(server.Healthy());
+  EXPECT_EQ(server.Stop(), 0) << server.Log();
+}
+
+TEST(ServeLoad, FullCache) { RunLoad(""); }
+
+TEST(ServeLoad, DynaKvQuarterBudget) {
+  const std::string profile = Temp("load.dkv");
+  const test::CliResult cal = test::RunCli("calibrate -m " + kModel + " -f " + DataPath("calib.txt") +
+                                           " --chunks 20 -t 2 -o " + profile);
+  ASSERT_EQ(cal.exit_code, 0) << cal.err;
+  RunLoad("--kv dynakv --profile " + profile + " --rank-policy uniform --kv-budget 0.25");
+  std::remove(profile.c_str());
+}
+
+}  // namespace
+}  // namespace dk
