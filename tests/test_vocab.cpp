@@ -240,16 +240,24 @@ TEST_P(SplitVocabTest, EveryCaseSplitsAsTheModelsRegex) {
 }
 
 // Whether `word` can be cut into the tokens `parts` (known text, or "" for a token whose text is
-// not known: any non-empty text).
-bool Spells(const std::string& word, size_t at, const std::vector<std::string>& parts, size_t k) {
-  if (k == parts.size()) return at == word.size();
-  if (!parts[k].empty()) {
-    return word.compare(at, parts[k].size(), parts[k]) == 0 && Spells(word, at + parts[k].size(), parts, k + 1);
+// not known: any non-empty text). Dynamic programming over (part, position): O(parts x bytes^2).
+bool Spells(const std::string& word, const std::vector<std::string>& parts) {
+  const size_t n = word.size();
+  std::vector<char> at(n + 1, 0);  // at[p]: parts [0, k) spell word[0, p)
+  at[0] = 1;
+  for (const std::string& part : parts) {
+    std::vector<char> next(n + 1, 0);
+    for (size_t p = 0; p < n; ++p) {
+      if (!at[p]) continue;
+      if (!part.empty()) {
+        if (word.compare(p, part.size(), part) == 0) next[p + part.size()] = 1;
+      } else {
+        for (size_t e = p + 1; e <= n; ++e) next[e] = 1;
+      }
+    }
+    at.swap(next);
   }
-  for (size_t end = at + 1; end <= word.size(); ++end) {
-    if (Spells(word, end, parts, k + 1)) return true;
-  }
-  return false;
+  return at[n] != 0;
 }
 
 // The .out ids against the splits, without the vocabulary. BPE never crosses a word, so the ids
@@ -335,7 +343,7 @@ TEST_P(SplitVocabTest, SplitsExplainTheLlamaCppIds) {
           if (ids[j] == known->second) reach[k + 1][j + 1] = 1;
           continue;
         }
-        for (size_t g = 1; j + g <= ids.size(); ++g) {
+        for (size_t g = 1; j + g <= ids.size() && g <= w[k].size(); ++g) {  // a token has >= 1 byte
           std::vector<std::string> parts;
           bool fits = true;
           for (size_t q = j; q < j + g; ++q) {
@@ -343,7 +351,7 @@ TEST_P(SplitVocabTest, SplitsExplainTheLlamaCppIds) {
             parts.push_back(it != id_word.end() ? it->second : "");
             if (g == 1 && it != id_word.end()) fits = false;  // another word's token
           }
-          if (fits && Spells(w[k], 0, parts, 0)) reach[k + 1][j + g] = 1;
+          if (fits && Spells(w[k], parts)) reach[k + 1][j + g] = 1;
         }
       }
     }
@@ -377,10 +385,12 @@ TEST(PreTokenizer, HandDerivedSplits) {
   // GPT-2: contractions are lowercase only; " ?\p{N}+" keeps a digit run whole; \s+(?!\S)
   // leaves the last space of a run to the next word.
   EXPECT_EQ(Split("gpt-2", "it's 'RE 12345  x"), (Words{"it", "'s", " '", "RE", " 12345", " ", " x"}));
-  // Llama-3: (?i:...) contractions, \p{N}{1,3}, and [^\r\n\p{L}\p{N}]?\p{L}+ takes one non-letter
-  // in front of letters ("$x", not "$", "x"); " ?[^\s\p{L}\p{N}]+[\r\n]*" keeps the newlines.
+  // Llama-3: (?i:...) contractions, \p{N}{1,3}; [^\r\n\p{L}\p{N}]?\p{L}+ takes one non-letter in
+  // front of letters, but a match that starts at the space of " $x" fails there (the space and
+  // "$" are two non-letters), so " ?[^\s\p{L}\p{N}]+[\r\n]*" takes " $" and "x" is a word of its
+  // own; the same alternative keeps the newlines after "!!".
   EXPECT_EQ(Split("llama-bpe", "it'S 'RE 1234567 $x !!\n\nA"),
-            (Words{"it", "'S", " '", "RE", " ", "123", "456", "7", " $x", " !!\n\n", "A"}));
+            (Words{"it", "'S", " '", "RE", " ", "123", "456", "7", " $", "x", " !!\n\n", "A"}));
   // \s*[\r\n]+: whitespace up to its last newline; then \s+(?!\S) and the word's own space.
   EXPECT_EQ(Split("llama-bpe", "a \n \n  b"), (Words{"a", " \n \n", " ", " b"}));
   // Qwen2: one digit at a time.
@@ -390,17 +400,19 @@ TEST(PreTokenizer, HandDerivedSplits) {
   EXPECT_EQ(Split("falcon", "a+=b 12345 (x)"), (Words{"a", "+=", "b", " ", "123", "45", " ", "(", "x", ")"}));
   // StarCoder/Refact: \p{N} first, so every digit is a piece; then GPT-2 on the rest.
   EXPECT_EQ(Split("starcoder", "v12 ab"), (Words{"v", "1", "2", " ab"}));
-  // DeepSeek-Coder: [\r\n], \s?\p{L}+, \s?\p{P}+, the CJK ranges, \p{N}; a space before a
-  // symbol ('+' is \p{S}) matches nothing and stays a piece of its own.
-  EXPECT_EQ(Split("deepseek-coder", "ab +1,\n你好"), (Words{"ab", " ", "+", "1", ",", "\n", "你好"}));
+  // DeepSeek-Coder: [\r\n], \s?\p{L}+, \s?\p{P}+, the CJK ranges, \p{N}, each stage splitting the
+  // pieces of the one before; text no stage matches stays one piece: " +" (a space and '+',
+  // which is \p{S}) is what is left of " +1" once \p{N} takes the digit.
+  EXPECT_EQ(Split("deepseek-coder", "ab +1,\n你好"), (Words{"ab", " +", "1", ",", "\n", "你好"}));
   // DeepSeek-LLM: \s+$ splits whitespace at the end of a piece; U+3000 (ideographic space) is
   // whitespace, so std::wregex sees U+000B and the CJK range [ࠀ-一] does not take it.
   EXPECT_EQ(Split("deepseek-llm", "Ab  \xe4\xbd\xa0\xe3\x80\x80\xe5\xa5\xbd"),
             (Words{"Ab", "  ", "\xe4\xbd\xa0", "\xe3\x80\x80", "\xe5\xa5\xbd"}));
   // Default (no tokenizer.ggml.pre): punctuation runs first, so "it's" loses its contraction.
   EXPECT_EQ(Split("default", "it's 1234"), (Words{"it", "'", "s", " ", "123", "4"}));
-  // BLOOM: " ?[^(\s|.,!?…。，、।۔،)]+"
-  EXPECT_EQ(Split("bloom", "Hi, you (x)!"), (Words{"Hi", ",", " you", " ", "(", "x", ")!"}));
+  // BLOOM: " ?[^(\s|.,!?…。，、।۔،)]+", where '(' and ')' are in the excluded class: " (" and ")!"
+  // match nothing and stay one piece each, as every gap between matches does.
+  EXPECT_EQ(Split("bloom", "Hi, you (x)!"), (Words{"Hi", ",", " you", " (", "x", ")!"}));
 }
 
 // Whatever the bytes, the pieces are non-empty and give the text back, for every pre-tokenizer.

@@ -724,7 +724,7 @@ StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromData(TokenizerData data) {
   if (!is_llama) {
     pre = FindPreTokenizer(data.pre.empty() ? "default" : data.pre);
     if (pre == nullptr) {
-      return Unimplemented("tokenizer.ggml.pre: unknown pre-tokenizer '" + data.pre + "' (known: " +
+      return Unimplemented("tokenizer.ggml.pre: unknown pre-tokenizer '" + Printable(data.pre) + "' (known: " +
                            KnownPreTokenizerList() + ")");
     }
   }
