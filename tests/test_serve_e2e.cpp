@@ -37,11 +37,25 @@ std::string Temp(const std::string& name) {
 }
 
 // Why the node tests cannot run, or "".
-std::string NodeMissing() {
+std::string NodeMissingReason() {
   if (std::system("node --version >/dev/null 2>&1") != 0) return "node is not installed";
   if (test::ReadText(kNodeDir + "/node_modules/openai/package.json").empty())
     return "tests/node/node_modules is missing (npm ci --prefix tests/node, as scripts/setup.sh does)";
   return "";
+}
+
+// The client tests are part of the suite: without node and the openai package they fail (the
+// set-up command installs both), unless DYNAKV_SKIP_NODE_TESTS=1 says to skip them on purpose.
+bool NodeMissing() {
+  const std::string why = NodeMissingReason();
+  if (why.empty()) return false;
+  const char* skip = std::getenv("DYNAKV_SKIP_NODE_TESTS");
+  if (skip != nullptr && std::string(skip) == "1") {
+    GTEST_LOG_(WARNING) << "skipped (DYNAKV_SKIP_NODE_TESTS=1): " << why;
+  } else {
+    ADD_FAILURE() << why << "; set DYNAKV_SKIP_NODE_TESTS=1 to skip the node client tests";
+  }
+  return true;
 }
 
 // A `dynakv serve` child process on a free port, stopped with SIGTERM.
@@ -167,7 +181,7 @@ TEST(ServeCli, BadFlagsAndFilesExitAsTheOtherCommands) {
 }
 
 TEST(ServeE2E, OpenAiClientGetsWhatGenerateGives) {
-  if (std::string why = NodeMissing(); !why.empty()) GTEST_SKIP() << why;
+  if (NodeMissing()) GTEST_SKIP();
   ServeProcess server;
   ASSERT_NO_FATAL_FAILURE(server.Start("--parallel 2 --chat-template chatml " + kFlags));
   const json out = RunNode("openai_client.mjs", server.url() + " " + std::to_string(kMaxTokens));
@@ -377,7 +391,7 @@ const std::vector<std::string> kLoadPrompts = {
 };
 
 void RunLoad(const std::string& kv_flags) {
-  if (std::string why = NodeMissing(); !why.empty()) GTEST_SKIP() << why;
+  if (NodeMissing()) GTEST_SKIP();
   constexpr int kTokens = 16;
   json expected = {{"max_tokens", kTokens}, {"prompts", json::array()}};
   for (const std::string& p : kLoadPrompts)
