@@ -71,12 +71,23 @@ TEST(EvalSpec, ExpandsMethodsTimesFractionsWithPlaceholders) {
   EXPECT_EQ(s.config.evict, "snapkv");
   EXPECT_EQ(s.config.options.String("--evict-keep", ""), "0.0625");
   // router+snapkv splits the fraction: sqrt(0.0625) = 0.25 of the tokens at 0.25 of the bytes each,
-  // with the router trained nearest 0.25.
+  // with the router trained at 0.25.
   const EvalRun& c = (*runs)[6];
   EXPECT_EQ(c.folder, "router+snapkv@0.0625");
   EXPECT_EQ(c.config.options.String("--evict-keep", ""), "0.25");
   EXPECT_EQ(c.config.options.String("--kv-budget", ""), "0.25");
   EXPECT_EQ(c.config.options.String("--profile", ""), "r25.dkv");
+  // The router for a rank fraction is the one trained at the largest fraction not above it (offsets
+  // move a router up well, down badly), else the smallest: sqrt(0.125) = 0.354 takes the 0.25 one.
+  j["fractions"] = {0.125, 0.03};
+  j["methods"] = {"router+snapkv"};
+  auto spec2 = EvalSpecFromJson(j);
+  ASSERT_TRUE(spec2.ok()) << spec2.status().ToString();
+  auto runs2 = ExpandRuns(*spec2);
+  ASSERT_TRUE(runs2.ok()) << runs2.status().ToString();
+  ASSERT_EQ(runs2->size(), 2u);
+  EXPECT_EQ((*runs2)[0].config.options.String("--profile", ""), "r25.dkv");
+  EXPECT_EQ((*runs2)[1].config.options.String("--profile", ""), "r06.dkv");  // sqrt(0.03) = 0.173: the 0.0625 one
   // A router method without a profile or routers is refused, naming the flag.
   j.erase("profile");
   j.erase("routers");
