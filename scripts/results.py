@@ -80,7 +80,7 @@ class Runner:
         return p.stdout, secs
 
 
-def eval_spec(routers, tasks):
+def eval_spec(routers, tasks, speed_ctx):
     return {
         "name": NAME, "model": MODEL, "text": VALID, "profile": BASE,
         "routers": {f"{f:g}": path for f, path in routers.items()},
@@ -93,7 +93,7 @@ def eval_spec(routers, tasks):
         "tasks": tasks,
         "ppl_ctx": 512, "ppl_chunks": 100, "decode_batch": 16,
         "passkey": {"lengths": [150, 300, 500], "depths": [0.1, 0.3, 0.5, 0.7, 0.9], "per_cell": 10},
-        "speed_ctx": [1024, 4096, 16384, 32768], "speed_fractions": [0.25], "speed_methods": SPEED_METHODS,
+        "speed_ctx": speed_ctx, "speed_fractions": [0.25], "speed_methods": SPEED_METHODS,
         "speed_decode": 64,
     }
 
@@ -106,6 +106,8 @@ def main():
     ap.add_argument("--only", default=None, help="comma-separated step names to rerun")
     ap.add_argument("--tasks", default="perplexity,passkey,speed",
                     help="eval tasks to run now (finished ones are kept: run speed last, on a quiet machine)")
+    ap.add_argument("--speed-ctx", default="1024,4096,16384,32768",
+                    help="context lengths of the speed task (a 32k prefill takes minutes per method on 2 cores)")
     a = ap.parse_args()
     for path in (MODEL, CALIB, RECALL, VALID, DYNAKV):
         if not os.path.exists(os.path.join(ROOT, path)):
@@ -129,7 +131,7 @@ def main():
             routers[frac] = out_profile
 
     spec_path = "results/eval-spec.json"
-    atomic_write(os.path.join(ROOT, spec_path), json.dumps(eval_spec(routers, a.tasks.split(",")), indent=2) + "\n")
+    atomic_write(os.path.join(ROOT, spec_path), json.dumps(eval_spec(routers, a.tasks.split(","), [int(c) for c in a.speed_ctx.split(",")]), indent=2) + "\n")
     eval_cmd = [DYNAKV, "eval", "--config", spec_path, "-t", t] + (["--force"] if a.force else [])
     print(f"[results] eval: {' '.join(eval_cmd)}", file=sys.stderr, flush=True)
     if subprocess.run(eval_cmd, cwd=ROOT).returncode != 0:
