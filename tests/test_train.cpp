@@ -289,7 +289,8 @@ TEST(TrainGraphEngine, ForwardMatchesTheEngine) {
   ThreadPool pool(2);
   const int T = 96;
   const std::vector<int32_t> tokens = Tokens("valid.txt", 0, T);
-  TrainGraph<float> graph(GraphWeightsOf(TheModel()), 1, T);
+  const ModelGraphWeights weights(TheModel());
+  TrainGraph<float> graph(weights.view(), 1, T);
   ASSERT_TRUE(graph.Forward(tokens.data(), nullptr, pool).ok());
   const ModelConfig& c = TheModel().config();
   FullKvCache cache(c.kv_shape(), T, KvDtype::kF32);
@@ -330,7 +331,8 @@ TEST(TrainGraphEngine, RelaxedArgmaxMatchesTheRouterCache) {
   relax.LoadParams(p);
   relax.Prepare(RouterMode::kArgmax, 1.0, 0);
   const std::vector<int32_t> tokens = Tokens("valid.txt", 5000, T);
-  TrainGraph<float> graph(GraphWeightsOf(TheModel()), 1, T);
+  const ModelGraphWeights weights(TheModel());
+  TrainGraph<float> graph(weights.view(), 1, T);
   ASSERT_TRUE(graph.Forward(tokens.data(), &relax, pool).ok());
   // The engine with the DynaKV cache (f32 latents) and the router policy.
   KvConfig kc;

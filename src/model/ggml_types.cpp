@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "core/fp16.h"
+#include "ops/qmatmul.h"
 #include "ops/quant.h"
 
 namespace dk {
@@ -28,8 +29,8 @@ constexpr TypeEntry kTypes[] = {
     {10, {"q2_K", 256, 84, false}},
     {11, {"q3_K", 256, 110, false}},
     {12, {"q4_K", 256, 144, true}},  // fp16 d, fp16 dmin, 12 bytes scales, 128 bytes qs
-    {13, {"q5_K", 256, 176, false}},
-    {14, {"q6_K", 256, 210, false}},
+    {13, {"q5_K", 256, 176, true}},  // fp16 d, fp16 dmin, 12 bytes scales, qh[32], qs[128]
+    {14, {"q6_K", 256, 210, true}},  // ql[128], qh[64], int8 scales[16], fp16 d
     {15, {"q8_K", 256, 292, false}},
     {24, {"i8", 1, 1, false}},
     {25, {"i16", 1, 2, false}},
@@ -38,8 +39,6 @@ constexpr TypeEntry kTypes[] = {
     {28, {"f64", 1, 8, false}},
     {30, {"bf16", 1, 2, true}},
 };
-
-constexpr int kQK_K = 256;
 
 uint16_t LoadU16(const uint8_t* p) {
   uint16_t v;
@@ -63,37 +62,6 @@ void DequantizeBlocks(const uint8_t* src, float* dst, int64_t nblocks,
     const int64_t m = std::min(kChunk, nblocks - b);
     std::memcpy(buf, src + b * static_cast<int64_t>(sizeof(Block)), static_cast<size_t>(m) * sizeof(Block));
     dequantize(buf, dst + b * kQuantBlock, m * kQuantBlock);
-  }
-}
-
-// ggml's get_scale_min_k4: 8 six-bit scales and 8 six-bit mins packed into 12 bytes.
-void GetScaleMinK4(int j, const uint8_t* q, uint8_t* d, uint8_t* m) {
-  if (j < 4) {
-    *d = q[j] & 63;
-    *m = q[j + 4] & 63;
-  } else {
-    *d = static_cast<uint8_t>((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4));
-    *m = static_cast<uint8_t>((q[j + 4] >> 4) | ((q[j - 0] >> 6) << 4));
-  }
-}
-
-// Mirrors ggml's dequantize_row_q4_K, including its float evaluation order.
-void DequantizeQ4_K(const uint8_t* src, float* dst, int64_t nblocks) {
-  for (int64_t b = 0; b < nblocks; ++b, src += 144) {
-    const float d = Fp16ToFp32(LoadU16(src));
-    const float dmin = Fp16ToFp32(LoadU16(src + 2));
-    const uint8_t* scales = src + 4;
-    const uint8_t* q = src + 16;
-    int is = 0;
-    for (int j = 0; j < kQK_K; j += 64, q += 32, is += 2) {
-      uint8_t sc, m;
-      GetScaleMinK4(is + 0, scales, &sc, &m);
-      const float d1 = d * sc, m1 = dmin * m;
-      GetScaleMinK4(is + 1, scales, &sc, &m);
-      const float d2 = d * sc, m2 = dmin * m;
-      for (int l = 0; l < 32; ++l) *dst++ = d1 * (q[l] & 0xF) - m1;
-      for (int l = 0; l < 32; ++l) *dst++ = d2 * (q[l] >> 4) - m2;
-    }
   }
 }
 
@@ -127,7 +95,7 @@ Status DequantizeRow(GgmlType type, const void* src, float* dst, int64_t n) {
   const uint32_t id = static_cast<uint32_t>(type);
   if (t == nullptr || !t->dequantizable) {
     return Unimplemented("cannot convert " + TypeName(id) +
-                         " to f32 (supported: f32, f16, bf16, q8_0, q4_0, q4_K)");
+                         " to f32 (supported: f32, f16, bf16, q8_0, q4_0, q4_K, q5_K, q6_K)");
   }
   if (n < 0 || n % t->block_size != 0) {
     return InvalidArgument("DequantizeRow: " + std::to_string(n) + " elements is not a whole number of " +
@@ -151,7 +119,9 @@ Status DequantizeRow(GgmlType type, const void* src, float* dst, int64_t n) {
       break;
     case GgmlType::kQ8_0: DequantizeBlocks<BlockQ8_0>(p, dst, nblocks, DequantizeRowQ8_0); break;
     case GgmlType::kQ4_0: DequantizeBlocks<BlockQ4_0>(p, dst, nblocks, DequantizeRowQ4_0); break;
-    case GgmlType::kQ4_K: DequantizeQ4_K(p, dst, nblocks); break;
+    case GgmlType::kQ4_K: DequantizeRowQ4_K(p, dst, n); break;
+    case GgmlType::kQ5_K: DequantizeRowQ5_K(p, dst, n); break;
+    case GgmlType::kQ6_K: DequantizeRowQ6_K(p, dst, n); break;
     default: return Internal("DequantizeRow: no kernel for " + TypeName(id));
   }
   return Status::Ok();
@@ -204,7 +174,7 @@ Status CheckFinite(GgmlType type, const void* src, int64_t n) {
   const GgmlTypeTraits* t = GetTypeTraits(static_cast<uint32_t>(type));
   if (t == nullptr || !t->dequantizable) {
     return Unimplemented("cannot check " + TypeName(static_cast<uint32_t>(type)) +
-                         " values (supported: f32, f16, bf16, q8_0, q4_0, q4_K)");
+                         " values (supported: f32, f16, bf16, q8_0, q4_0, q4_K, q5_K, q6_K)");
   }
   if (n < 0 || n % t->block_size != 0) {
     return InvalidArgument("CheckFinite: " + std::to_string(n) + " elements is not a whole number of " + t->name +
@@ -238,11 +208,18 @@ Status CheckFinite(GgmlType type, const void* src, int64_t n) {
       }
       return Status::Ok();
     case GgmlType::kQ4_K:
+    case GgmlType::kQ5_K:
       for (int64_t b = 0; b < nblocks; ++b) {
         const uint8_t* blk = p + b * static_cast<int64_t>(t->block_bytes);
         const uint16_t d = LoadU16(blk), dmin = LoadU16(blk + 2);
         if (Fp16NonFinite(d)) return NonFiniteScale(t->name, b, t->block_size, "d", d);
         if (Fp16NonFinite(dmin)) return NonFiniteScale(t->name, b, t->block_size, "dmin", dmin);
+      }
+      return Status::Ok();
+    case GgmlType::kQ6_K:
+      for (int64_t b = 0; b < nblocks; ++b) {
+        const uint16_t d = LoadU16(p + b * static_cast<int64_t>(t->block_bytes) + 208);
+        if (Fp16NonFinite(d)) return NonFiniteScale(t->name, b, t->block_size, "d", d);
       }
       return Status::Ok();
     default:

@@ -49,12 +49,12 @@ std::string TypeName(uint32_t type_id);
 bool RowBytes(GgmlType type, int64_t n, size_t* bytes);
 
 // Converts `n` elements (a whole number of blocks) at `src` to fp32.
-// Supported: F32, F16, BF16, Q8_0, Q4_0, Q4_K.
+// Supported: F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K (the k-quants as ggml's dequantize_row_*).
 Status DequantizeRow(GgmlType type, const void* src, float* dst, int64_t n);
 
 // Looks for NaN or infinity in `n` elements (a whole number of blocks) of `type` at `src`, without
 // converting them: every value of F32, F16 and BF16; the fp16 scales of quantized blocks (q8_0 and
-// q4_0: d; q4_K: d and dmin), since finite scales give finite values. kCorrupt naming the first
+// q4_0: d; q4_K and q5_K: d and dmin; q6_K: d), since finite scales give finite values. kCorrupt naming the first
 // element or block found and what it holds; Unimplemented for the types DequantizeRow refuses.
 Status CheckFinite(GgmlType type, const void* src, int64_t n);
 

@@ -696,7 +696,7 @@ StatusOr<const GgufTensorInfo*> GgufFile::GetTensor(const std::string& name, con
   const GgmlTypeTraits* tr = GetTypeTraits(static_cast<uint32_t>(t->type));
   if (tr == nullptr || !tr->dequantizable) {
     return Unimplemented(path() + ": tensor " + Quote(name) + ": type " + TypeName(static_cast<uint32_t>(t->type)) +
-                         " is not supported (supported: f32, f16, bf16, q8_0, q4_0, q4_K)");
+                         " is not supported (supported: f32, f16, bf16, q8_0, q4_0, q4_K, q5_K, q6_K)");
   }
   return t;
 }

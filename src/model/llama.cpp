@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "core/threads.h"
+#include "model/ggml_types.h"
 #include "ops/ops.h"
 
 namespace dk {
@@ -120,22 +121,73 @@ Status Model::LoadConfig() {
   return Status::Ok();
 }
 
-StatusOr<const float*> Model::Weight(const std::string& name, const std::vector<int64_t>& dims) {
+namespace {
+
+bool AsWeightType(GgmlType t, WeightType* out) {
+  switch (t) {
+    case GgmlType::kF32: *out = WeightType::kF32; return true;
+    case GgmlType::kF16: *out = WeightType::kF16; return true;
+    case GgmlType::kBF16: *out = WeightType::kBF16; return true;
+    case GgmlType::kQ8_0: *out = WeightType::kQ8_0; return true;
+    case GgmlType::kQ4_0: *out = WeightType::kQ4_0; return true;
+    case GgmlType::kQ4_K: *out = WeightType::kQ4_K; return true;
+    case GgmlType::kQ5_K: *out = WeightType::kQ5_K; return true;
+    case GgmlType::kQ6_K: *out = WeightType::kQ6_K; return true;
+    default: return false;
+  }
+}
+
+}  // namespace
+
+StatusOr<const GgufTensorInfo*> Model::Tensor(const std::string& name, const std::vector<int64_t>& dims) {
   const GgufTensorInfo* t;
   DK_ASSIGN_OR_RETURN(t, gguf_->GetTensor(name, dims));
   fingerprint_ = Fnv1a(fingerprint_, name.data(), name.size());
   fingerprint_ = Fnv1a(fingerprint_, t->data, std::min<size_t>(t->nbytes, 4096));
   fingerprint_ = Fnv1a(fingerprint_, t->data + t->nbytes - std::min<size_t>(t->nbytes, 4096), std::min<size_t>(t->nbytes, 4096));
-  weight_bytes_ += static_cast<size_t>(t->n_elements()) * 4;
   // NaN or infinity in a weight would surface as "PPL = nan" much later: refuse the file now.
   DK_RETURN_IF_ERROR(
       CheckFinite(t->type, t->data, t->n_elements()).WithContext(gguf_->path() + ": tensor '" + name + "'"));
+  return t;
+}
+
+StatusOr<const float*> Model::Weight(const std::string& name, const std::vector<int64_t>& dims) {
+  const GgufTensorInfo* t;
+  DK_ASSIGN_OR_RETURN(t, Tensor(name, dims));
   if (t->type == GgmlType::kF32 && reinterpret_cast<uintptr_t>(t->data) % alignof(float) == 0) {
+    weight_bytes_ += t->nbytes;
     return reinterpret_cast<const float*>(t->data);
   }
+  weight_bytes_ += static_cast<size_t>(t->n_elements()) * 4;
   owned_.emplace_back(static_cast<size_t>(t->n_elements()));
   DK_RETURN_IF_ERROR(gguf_->ReadAsF32(*t, owned_.back().data()));
   return static_cast<const float*>(owned_.back().data());
+}
+
+StatusOr<WeightMatrix> Model::Matrix(const std::string& name, const std::vector<int64_t>& dims) {
+  const GgufTensorInfo* t;
+  DK_ASSIGN_OR_RETURN(t, Tensor(name, dims));
+  const std::string ctx = gguf_->path() + ": tensor '" + name + "'";
+  WeightType wt;
+  if (!AsWeightType(t->type, &wt)) {
+    return Unimplemented(ctx + ": type " + TypeName(static_cast<uint32_t>(t->type)) + " is not supported");
+  }
+  const GgmlTypeTraits* tr = GetTypeTraits(static_cast<uint32_t>(t->type));
+  size_t expect = 0;
+  if (dims.size() != 2 || tr == nullptr || dims[0] % tr->block_size != 0 ||
+      !RowBytes(t->type, t->n_elements(), &expect) || expect != t->nbytes) {
+    return Corrupt(ctx + ": rows of " + std::to_string(dims[0]) + " values are not whole " + TypeName(static_cast<uint32_t>(t->type)) +
+                   " blocks, or the size disagrees with the shape " + t->shape_string());
+  }
+  if (wt == WeightType::kF32 && reinterpret_cast<uintptr_t>(t->data) % alignof(float) != 0) {
+    // A file with general.alignment = 1: BLAS wants aligned floats, so this one is copied.
+    owned_.emplace_back(static_cast<size_t>(t->n_elements()));
+    DK_RETURN_IF_ERROR(gguf_->ReadAsF32(*t, owned_.back().data()));
+    weight_bytes_ += t->nbytes;
+    return MakeWeightMatrix(wt, owned_.back().data(), dims[1], dims[0]);
+  }
+  weight_bytes_ += t->nbytes;
+  return MakeWeightMatrix(wt, t->data, dims[1], dims[0]);
 }
 
 Status Model::LoadWeights() {
@@ -143,31 +195,31 @@ Status Model::LoadWeights() {
   const int64_t E = c.n_embd, Q = static_cast<int64_t>(c.n_head) * c.head_dim;
   const int64_t KV = static_cast<int64_t>(c.n_head_kv) * c.head_dim, F = c.n_ff, V = c.n_vocab;
   fingerprint_ = Fnv1a(14695981039346656037ull, &c.n_embd, sizeof(int));
-  DK_ASSIGN_OR_RETURN(tok_embd_, Weight("token_embd.weight", {E, V}));
+  DK_ASSIGN_OR_RETURN(tok_embd_, Matrix("token_embd.weight", {E, V}));
   DK_ASSIGN_OR_RETURN(output_norm_, Weight("output_norm.weight", {E}));
   if (c.tied_output) {
     output_ = tok_embd_;
   } else {
-    DK_ASSIGN_OR_RETURN(output_, Weight("output.weight", {E, V}));
+    DK_ASSIGN_OR_RETURN(output_, Matrix("output.weight", {E, V}));
   }
   layers_.resize(c.n_layer);
   for (int l = 0; l < c.n_layer; ++l) {
     const std::string p = "blk." + std::to_string(l) + ".";
     LayerWeights& w = layers_[l];
     DK_ASSIGN_OR_RETURN(w.attn_norm, Weight(p + "attn_norm.weight", {E}));
-    DK_ASSIGN_OR_RETURN(w.wq, Weight(p + "attn_q.weight", {E, Q}));
-    DK_ASSIGN_OR_RETURN(w.wk, Weight(p + "attn_k.weight", {E, KV}));
-    DK_ASSIGN_OR_RETURN(w.wv, Weight(p + "attn_v.weight", {E, KV}));
-    DK_ASSIGN_OR_RETURN(w.wo, Weight(p + "attn_output.weight", {Q, E}));
+    DK_ASSIGN_OR_RETURN(w.wq, Matrix(p + "attn_q.weight", {E, Q}));
+    DK_ASSIGN_OR_RETURN(w.wk, Matrix(p + "attn_k.weight", {E, KV}));
+    DK_ASSIGN_OR_RETURN(w.wv, Matrix(p + "attn_v.weight", {E, KV}));
+    DK_ASSIGN_OR_RETURN(w.wo, Matrix(p + "attn_output.weight", {Q, E}));
     if (c.qkv_bias) {
       DK_ASSIGN_OR_RETURN(w.bq, Weight(p + "attn_q.bias", {Q}));
       DK_ASSIGN_OR_RETURN(w.bk, Weight(p + "attn_k.bias", {KV}));
       DK_ASSIGN_OR_RETURN(w.bv, Weight(p + "attn_v.bias", {KV}));
     }
     DK_ASSIGN_OR_RETURN(w.ffn_norm, Weight(p + "ffn_norm.weight", {E}));
-    DK_ASSIGN_OR_RETURN(w.w_gate, Weight(p + "ffn_gate.weight", {E, F}));
-    DK_ASSIGN_OR_RETURN(w.w_up, Weight(p + "ffn_up.weight", {E, F}));
-    DK_ASSIGN_OR_RETURN(w.w_down, Weight(p + "ffn_down.weight", {F, E}));
+    DK_ASSIGN_OR_RETURN(w.w_gate, Matrix(p + "ffn_gate.weight", {E, F}));
+    DK_ASSIGN_OR_RETURN(w.w_up, Matrix(p + "ffn_up.weight", {E, F}));
+    DK_ASSIGN_OR_RETURN(w.w_down, Matrix(p + "ffn_down.weight", {F, E}));
   }
   return Status::Ok();
 }
@@ -190,15 +242,16 @@ Status Model::Forward(const int32_t* tokens, int n, KvCache& cache, ForwardState
   const int E = c.n_embd, Q = c.n_head * c.head_dim, KV = c.n_head_kv * c.head_dim, F = c.n_ff;
   for (int i = 0; i < n; ++i) {
     st.pos[i] = plan.first + i;
-    std::memcpy(&st.x[static_cast<size_t>(i) * E], tok_embd_ + static_cast<int64_t>(tokens[i]) * E, E * sizeof(float));
+    // Only the rows used are converted (the table stays as stored).
+    DequantizeWeights(tok_embd_.type, tok_embd_.row(tokens[i]), &st.x[static_cast<size_t>(i) * E], E);
   }
   for (int l = 0; l < c.n_layer; ++l) {
     const LayerWeights& w = layers_[l];
     // Attention block.
     RmsNorm(st.x.data(), w.attn_norm, st.xn.data(), n, E, c.rms_eps);
-    MatMulWT(st.xn.data(), w.wq, st.q.data(), n, E, Q);
-    MatMulWT(st.xn.data(), w.wk, st.k.data(), n, E, KV);
-    MatMulWT(st.xn.data(), w.wv, st.v.data(), n, E, KV);
+    MatMulWT(st.xn.data(), w.wq, st.q.data(), n, false, &pool);
+    MatMulWT(st.xn.data(), w.wk, st.k.data(), n, false, &pool);
+    MatMulWT(st.xn.data(), w.wv, st.v.data(), n, false, &pool);
     if (c.qkv_bias) {
       AddBias(st.q.data(), w.bq, n, Q);
       AddBias(st.k.data(), w.bk, n, KV);
@@ -208,13 +261,13 @@ Status Model::Forward(const int32_t* tokens, int n, KvCache& cache, ForwardState
     Rope(st.k.data(), st.pos.data(), n, c.n_head_kv, c.head_dim, c.n_rot, c.rope_base, c.rope_neox);
     cache.Write(l, plan, st.k.data(), st.v.data(), st.xn.data());
     cache.Attend(l, plan, st.q.data(), st.att.data(), pool);
-    MatMulWTAdd(st.att.data(), w.wo, st.x.data(), n, Q, E);
+    MatMulWT(st.att.data(), w.wo, st.x.data(), n, true, &pool);
     // Feed-forward block (SwiGLU).
     RmsNorm(st.x.data(), w.ffn_norm, st.xn.data(), n, E, c.rms_eps);
-    MatMulWT(st.xn.data(), w.w_gate, st.gate.data(), n, E, F);
-    MatMulWT(st.xn.data(), w.w_up, st.up.data(), n, E, F);
+    MatMulWT(st.xn.data(), w.w_gate, st.gate.data(), n, false, &pool);
+    MatMulWT(st.xn.data(), w.w_up, st.up.data(), n, false, &pool);
     SwiGlu(st.gate.data(), st.up.data(), st.gate.data(), static_cast<int64_t>(n) * F);
-    MatMulWTAdd(st.gate.data(), w.w_down, st.x.data(), n, F, E);
+    MatMulWT(st.gate.data(), w.w_down, st.x.data(), n, true, &pool);
     // A NaN or infinity would flow through every later layer into the logits (and "PPL = nan"):
     // stop at the layer that made it. One pass over n x E values, next to n x E x (Q + 2 F) FLOPs.
     DK_RETURN_IF_ERROR(CheckActivations(st.x.data(), n, E, st.pos.data(), l));
@@ -222,7 +275,7 @@ Status Model::Forward(const int32_t* tokens, int n, KvCache& cache, ForwardState
   const int first_out = all_logits ? 0 : n - 1;
   const int n_out = n - first_out;
   RmsNorm(st.x.data() + static_cast<size_t>(first_out) * E, output_norm_, st.xn.data(), n_out, E, c.rms_eps);
-  MatMulWT(st.xn.data(), output_, logits, n_out, E, c.n_vocab);
+  MatMulWT(st.xn.data(), output_, logits, n_out, false, &pool);
   return CheckActivations(logits, n_out, c.n_vocab, st.pos.data() + first_out, -1);
 }
 

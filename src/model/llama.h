@@ -12,6 +12,7 @@
 #include "kv/kv_cache.h"
 #include "model/gguf.h"
 #include "model/tokenizer.h"
+#include "ops/qmatmul.h"
 
 namespace dk {
 
@@ -39,19 +40,20 @@ struct ModelConfig {
 };
 
 struct LayerWeights {
-  // Matrices are [out][in] fp32 (ggml ne = [in, out]); vectors are [width].
+  // Matrices are [out][in] (ggml ne = [in, out]) as stored in the file (F32, F16, BF16, q8_0, q4_0,
+  // q4_K, q5_K, q6_K; usually pointing into the file's mapping); vectors are fp32 [width].
   const float* attn_norm = nullptr;  // [n_embd]
-  const float* wq = nullptr;         // [n_head*d][n_embd]
-  const float* wk = nullptr;         // [n_head_kv*d][n_embd]
-  const float* wv = nullptr;         // [n_head_kv*d][n_embd]
-  const float* wo = nullptr;         // [n_embd][n_head*d]
+  WeightMatrix wq;                   // [n_head*d][n_embd]
+  WeightMatrix wk;                   // [n_head_kv*d][n_embd]
+  WeightMatrix wv;                   // [n_head_kv*d][n_embd]
+  WeightMatrix wo;                   // [n_embd][n_head*d]
   const float* bq = nullptr;         // [n_head*d]     qwen2 only
   const float* bk = nullptr;         // [n_head_kv*d]  qwen2 only
   const float* bv = nullptr;         // [n_head_kv*d]  qwen2 only
   const float* ffn_norm = nullptr;   // [n_embd]
-  const float* w_gate = nullptr;     // [n_ff][n_embd]
-  const float* w_up = nullptr;       // [n_ff][n_embd]
-  const float* w_down = nullptr;     // [n_embd][n_ff]
+  WeightMatrix w_gate;               // [n_ff][n_embd]
+  WeightMatrix w_up;                 // [n_ff][n_embd]
+  WeightMatrix w_down;               // [n_embd][n_ff]
 };
 
 // Activation buffers for batches of up to max_batch tokens. Owned by the caller.
@@ -71,13 +73,15 @@ struct ForwardState {
 
 class Model {
  public:
-  // Loads and validates a GGUF model. Matrices not stored as F32 are dequantized to fp32 once.
+  // Loads and validates a GGUF model. Matrices are used as stored in the file's memory mapping
+  // (F32, F16, BF16, q8_0, q4_0, q4_K, q5_K, q6_K; see ops/qmatmul.h); only vectors (norms, biases)
+  // not stored as F32 are converted to owned fp32 copies.
   static StatusOr<std::unique_ptr<Model>> Load(const std::string& path);
 
   const ModelConfig& config() const { return config_; }
   const Tokenizer& tokenizer() const { return *tokenizer_; }
   const GgufFile& gguf() const { return *gguf_; }
-  // Bytes of weights held (mapped or dequantized).
+  // Bytes of weights held (mapped as stored, or converted vectors).
   size_t weight_bytes() const { return weight_bytes_; }
   // Fingerprint of the weights (FNV-1a over the metadata and a sample of every tensor's bytes):
   // lets a calibrated profile refuse a different model.
@@ -89,25 +93,30 @@ class Model {
   Status Forward(const int32_t* tokens, int n, KvCache& cache, ForwardState& state, float* logits, bool all_logits,
                  ThreadPool& pool) const;
 
-  // Read-only views of the fp32 weights (the training graph reuses them; weights stay frozen).
-  const float* tok_embd() const { return tok_embd_; }        // [n_vocab][n_embd]
-  const float* output_norm() const { return output_norm_; }  // [n_embd]
-  const float* output() const { return output_; }           // [n_vocab][n_embd]
+  // Read-only views of the weights as stored (the training graph converts them; weights stay frozen).
+  const WeightMatrix& tok_embd() const { return tok_embd_; }  // [n_vocab][n_embd]
+  const float* output_norm() const { return output_norm_; }   // [n_embd]
+  const WeightMatrix& output() const { return output_; }      // [n_vocab][n_embd]
   const LayerWeights& layer(int l) const { return layers_[l]; }
 
  private:
   Model() = default;
   Status LoadConfig();
   Status LoadWeights();
+  // Looks a tensor up, checks it is finite and adds it to the fingerprint.
+  StatusOr<const GgufTensorInfo*> Tensor(const std::string& name, const std::vector<int64_t>& dims);
+  // A vector (or any tensor) as fp32: in place when stored as aligned F32, else an owned copy.
   StatusOr<const float*> Weight(const std::string& name, const std::vector<int64_t>& dims);
+  // A matrix [dims[1]][dims[0]] as stored.
+  StatusOr<WeightMatrix> Matrix(const std::string& name, const std::vector<int64_t>& dims);
 
   std::unique_ptr<GgufFile> gguf_;
   std::unique_ptr<Tokenizer> tokenizer_;
   ModelConfig config_;
-  std::vector<std::vector<float>> owned_;  // dequantized tensors
-  const float* tok_embd_ = nullptr;        // [n_vocab][n_embd]
+  std::vector<std::vector<float>> owned_;  // converted tensors
+  WeightMatrix tok_embd_;                  // [n_vocab][n_embd]
   const float* output_norm_ = nullptr;     // [n_embd]
-  const float* output_ = nullptr;          // [n_vocab][n_embd]
+  WeightMatrix output_;                    // [n_vocab][n_embd]
   std::vector<LayerWeights> layers_;
   size_t weight_bytes_ = 0;
   uint64_t fingerprint_ = 0;

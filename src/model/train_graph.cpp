@@ -11,19 +11,29 @@
 
 namespace dk {
 
-GraphWeights<float> GraphWeightsOf(const Model& model) {
-  GraphWeights<float> g;
+const float* ModelGraphWeights::Fp32(const WeightMatrix& m) {
+  if (m.type == WeightType::kF32 && reinterpret_cast<uintptr_t>(m.data) % alignof(float) == 0) {
+    return reinterpret_cast<const float*>(m.data);
+  }
+  owned_.emplace_back(static_cast<size_t>(m.rows * m.cols));
+  float* dst = owned_.back().data();
+  for (int64_t r = 0; r < m.rows; ++r) DequantizeWeights(m.type, m.row(r), dst + r * m.cols, m.cols);
+  return dst;
+}
+
+ModelGraphWeights::ModelGraphWeights(const Model& model) {
+  GraphWeights<float>& g = view_;
   g.config = model.config();
-  g.tok_embd = model.tok_embd();
+  g.tok_embd = Fp32(model.tok_embd());
   g.output_norm = model.output_norm();
-  g.output = model.output();
+  g.output = model.output().data == model.tok_embd().data ? g.tok_embd : Fp32(model.output());
   g.layers.resize(g.config.n_layer);
   for (int l = 0; l < g.config.n_layer; ++l) {
     const LayerWeights& s = model.layer(l);
-    g.layers[l] = GraphLayerWeights<float>{s.attn_norm, s.wq, s.wk, s.wv, s.wo, s.bq, s.bk, s.bv,
-                                           s.ffn_norm, s.w_gate, s.w_up, s.w_down};
+    g.layers[l] = GraphLayerWeights<float>{s.attn_norm, Fp32(s.wq), Fp32(s.wk),     Fp32(s.wv),
+                                           Fp32(s.wo),  s.bq,        s.bk,           s.bv,
+                                           s.ffn_norm,  Fp32(s.w_gate), Fp32(s.w_up), Fp32(s.w_down)};
   }
-  return g;
 }
 
 namespace {
@@ -72,7 +82,8 @@ void Wire(GraphWeights<T>& g, std::vector<std::vector<T>>& store) {
 
 template <typename T>
 OwnedGraphWeights<T> OwnedGraphWeights<T>::FromModel(const Model& model) {
-  const GraphWeights<float> src = GraphWeightsOf(model);
+  const ModelGraphWeights fp32(model);
+  const GraphWeights<float>& src = fp32.view();
   const ModelConfig& c = src.config;
   OwnedGraphWeights<T> o;
   auto copy = [](const float* p, int64_t n) { return p == nullptr ? std::vector<T>() : std::vector<T>(p, p + n); };

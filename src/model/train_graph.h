@@ -43,8 +43,20 @@ struct GraphWeights {
   std::vector<GraphLayerWeights<T>> layers;
 };
 
-// Views of a loaded model's fp32 weights (no copy).
-GraphWeights<float> GraphWeightsOf(const Model& model);
+// A loaded model's weights as fp32 for the graph, which runs on fp32 BLAS (forward and backward):
+// matrices stored as F32 are viewed in place; matrices stored in any other type (f16, q8_0, q4_K,
+// ...: the engine uses those as stored) are dequantized into fp32 copies owned here, so training
+// on a quantized file costs its fp32 size in memory. Keep it alive as long as the graph built on it.
+class ModelGraphWeights {
+ public:
+  explicit ModelGraphWeights(const Model& model);
+  const GraphWeights<float>& view() const { return view_; }
+
+ private:
+  const float* Fp32(const WeightMatrix& m);
+  std::vector<std::vector<float>> owned_;
+  GraphWeights<float> view_;
+};
 
 // Weights owned by the holder: a converted copy of a model, or random weights for tests.
 template <typename T>

@@ -39,7 +39,7 @@ int CmdInfo(int argc, char** argv) {
   std::printf("tokenizer       %s, %d tokens, bos %d, eos %d, add_bos %s\n", m.tokenizer().model().c_str(),
               m.tokenizer().vocab_size(), m.tokenizer().bos_id(), m.tokenizer().eos_id(),
               m.tokenizer().add_bos() ? "yes" : "no");
-  std::printf("weights         %.2f MiB as fp32 in memory\n", m.weight_bytes() / 1048576.0);
+  std::printf("weights         %.2f MiB in memory (matrices as stored)\n", m.weight_bytes() / 1048576.0);
   const KvShape s = c.kv_shape();
   std::printf("kv width D      %d per layer for K and for V (%d KV heads x %d)\n", s.kv_dim(), s.n_head_kv, s.head_dim);
   std::printf("kv bytes/token  %zu (fp16), %zu (fp32)\n", FullKvCache(s, 1, KvDtype::kF16).BytesPerToken(),

@@ -206,7 +206,8 @@ StatusOr<TrainRouterResult> TrainRouter(const Model& model, const DynaKvProfile&
                                   RelaxedCacheOptions{o.hidden, o.target, o.train_bases, o.bases_lr_scale}, params);
   relax.InitParams(Mix64(o.seed ^ 0x7e57ab1eull));
   AdamW adam(o.adam, params.size());
-  TrainGraph<float> graph(GraphWeightsOf(model), B, T);
+  const ModelGraphWeights weights(model);  // fp32 copies of matrices not stored as f32
+  TrainGraph<float> graph(weights.view(), B, T);
 
   TrainRouterResult result;
   result.profile = base;

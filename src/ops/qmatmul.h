@@ -1,0 +1,81 @@
+// Weight matrices used as stored (F32, F16, BF16 and ggml's q8_0, q4_0, q4_K, q5_K, q6_K blocks):
+// the block decoders, dot products of a stored row with an fp32 vector, and the matrix product
+// of the forward pass. The data usually lies in the model file's memory mapping; nothing is
+// converted at load.
+//
+// Which kernel runs (MatMulWT below):
+//   F32                       OpenBLAS sgemv / sgemm on the floats, as before;
+//   other types, n <= DotMaxRows()  one dot product per (token, row) directly on the blocks
+//                             (DotWeights: AVX2+FMA+F16C when the CPU has them, chosen at run time,
+//                             else the scalar reference), rows split across the thread pool;
+//   other types, n > DotMaxRows()   tiles of rows dequantized into fp32 scratch, then sgemm per tile.
+// Unlike llama.cpp, the activations stay fp32 (llama.cpp quantizes them to 8 bits for its
+// quantized dot products), so results equal dequantize-then-fp32-product up to rounding order.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace dk {
+
+class ThreadPool;
+
+enum class WeightType : uint8_t { kF32, kF16, kBF16, kQ8_0, kQ4_0, kQ4_K, kQ5_K, kQ6_K };
+
+const char* WeightTypeName(WeightType t);
+int64_t WeightBlockSize(WeightType t);   // values per block: 1 (F32, F16, BF16), 32, or 256
+size_t WeightBlockBytes(WeightType t);   // bytes per block: 4, 2, 2, 34, 18, 144, 176, 210
+
+// A [rows][cols] matrix stored row after row in `type` (cols a whole number of blocks). `data`
+// needs no alignment (a GGUF file with general.alignment = 1 can misalign it).
+struct WeightMatrix {
+  WeightType type = WeightType::kF32;
+  const uint8_t* data = nullptr;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  size_t row_bytes = 0;
+
+  const uint8_t* row(int64_t r) const { return data + static_cast<size_t>(r) * row_bytes; }
+  size_t bytes() const { return static_cast<size_t>(rows) * row_bytes; }
+};
+WeightMatrix MakeWeightMatrix(WeightType type, const void* data, int64_t rows, int64_t cols);
+
+// ggml's k-quant decoders, with ggml's float evaluation order (dequantize_row_q4_K / _q5_K / _q6_K):
+// n values (a multiple of 256) at `src` (any alignment) to fp32.
+//   block_q4_K (144 bytes): fp16 d, fp16 dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles;
+//   block_q5_K (176 bytes): fp16 d, fp16 dmin, 12 bytes scales/mins, qh[32] (5th bits), qs[128];
+//   block_q6_K (210 bytes): ql[128] (low 4 bits), qh[64] (high 2 bits), int8 scales[16], fp16 d.
+void DequantizeRowQ4_K(const uint8_t* src, float* dst, int64_t n);
+void DequantizeRowQ5_K(const uint8_t* src, float* dst, int64_t n);
+void DequantizeRowQ6_K(const uint8_t* src, float* dst, int64_t n);
+
+// n values (a whole number of blocks) of a stored row to fp32, exactly as ggml dequantizes them.
+void DequantizeWeights(WeightType type, const uint8_t* src, float* dst, int64_t n);
+
+// sum_i x[i] * w[i] over n values (a whole number of blocks) of a stored row: the AVX2 kernel
+// when the CPU supports AVX2, FMA and F16C (checked once, at run time), else scalar::DotWeights.
+float DotWeights(WeightType type, const uint8_t* w, const float* x, int64_t n);
+// True when DotWeights runs the AVX2 kernels.
+bool DotWeightsUsesAvx2();
+
+// y[n][w.rows] = x[n][w.cols] * W^T (accumulate: y +=). pool (may be null) splits the rows of the
+// dot-product path; OpenBLAS threads itself.
+void MatMulWT(const float* x, const WeightMatrix& w, float* y, int n, bool accumulate, ThreadPool* pool);
+
+// Largest n that MatMulWT runs as dot products (above: dequantized tiles + sgemm). Settable for
+// measurements and tests; the default comes from bench/ measurements (docs/architecture.md).
+int DotMaxRows();
+void SetDotMaxRows(int n);
+
+namespace scalar {
+// The reference: each block dequantized (DequantizeWeights), then multiplied and summed in order.
+float DotWeights(WeightType type, const uint8_t* w, const float* x, int64_t n);
+}  // namespace scalar
+
+namespace avx2 {
+// The AVX2 kernels themselves; callable only when DotWeightsUsesAvx2() (tests compare them with the
+// reference).
+float DotWeights(WeightType type, const uint8_t* w, const float* x, int64_t n);
+}  // namespace avx2
+
+}  // namespace dk
