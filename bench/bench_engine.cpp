@@ -71,7 +71,7 @@ void BM_Prefill(benchmark::State& state, const std::string& spec) {
   const int threads = static_cast<int>(state.range(0)), ctx = static_cast<int>(state.range(1));
   const dk::Model& m = GetModel();
   dk::ThreadPool pool(threads);
-  dk::SetBlasThreads(threads);
+  dk::ConfigureBlasFor(threads);
   auto cache = MakeCache(spec, ctx, state);
   if (!cache) return;
   dk::ForwardState st(m.config(), ctx);
@@ -92,7 +92,7 @@ void BM_Decode(benchmark::State& state, const std::string& spec) {
   constexpr int kSteps = 32;
   const dk::Model& m = GetModel();
   dk::ThreadPool pool(threads);
-  dk::SetBlasThreads(threads);
+  dk::ConfigureBlasFor(threads);
   auto cache = MakeCache(spec, ctx, state);
   if (!cache) return;
   dk::ForwardState st(m.config(), ctx - kSteps);

@@ -348,7 +348,7 @@ py::dict Generate(const std::shared_ptr<PyModel>& model, const py::object& promp
     py::gil_scoped_release nogil;
     pc->cache->Clear();
     ThreadPool pool(a.threads);
-    SetBlasThreads(a.threads);
+    ConfigureBlasFor(a.threads);
     Sampler sampler(a.sampler);
     stats = dk::Generate(m, tokens, a.n_predict, a.batch, *pc->cache, sampler, pool, [&](int32_t tok) {
       out.push_back(tok);
@@ -461,7 +461,7 @@ class PyStream {
     const auto t0 = *decode_start;
     if (!pool_) {
       pool_ = std::make_unique<ThreadPool>(args_.threads);
-      SetBlasThreads(args_.threads);
+      ConfigureBlasFor(args_.threads);
       st_ = std::make_unique<ForwardState>(m.config(), std::min<int>(args_.batch, static_cast<int>(prompt_.size())));
       logits_.resize(m.config().n_vocab);
       for (size_t b = 0; b < prompt_.size(); b += st_->max_batch) {
@@ -563,7 +563,7 @@ py::dict Perplexity(const std::shared_ptr<PyModel>& model, const std::string& te
   {
     py::gil_scoped_release nogil;
     ThreadPool pool(n_threads);
-    SetBlasThreads(n_threads);
+    ConfigureBlasFor(n_threads);
     result = ComputePerplexity(model->m(), tokens, *pc->cache, reference ? reference->cache.get() : nullptr, opt, pool);
   }
   const PerplexityResult r = Take(std::move(result));
@@ -600,7 +600,7 @@ py::dict CalibrateProfile(const std::shared_ptr<PyModel>& model, const std::stri
   {
     py::gil_scoped_release nogil;
     ThreadPool pool(n_threads);
-    SetBlasThreads(n_threads);
+    ConfigureBlasFor(n_threads);
     const auto t0 = std::chrono::steady_clock::now();
     profile = Calibrate(model->m(), tokens, opt, pool);
     seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -665,7 +665,7 @@ py::dict Passkey(const std::shared_ptr<PyModel>& model, const std::string& text,
   {
     py::gil_scoped_release nogil;
     ThreadPool pool(n_threads);
-    SetBlasThreads(n_threads);
+    ConfigureBlasFor(n_threads);
     results = RunPasskey(model->m(), made, opt.n_predict, *pc->cache, pool);
   }
   const std::vector<PasskeyResult> rs = Take(std::move(results));

@@ -29,6 +29,65 @@ TEST(Cli, InfoPrintsShapesAndKvBytes) {
   EXPECT_THAT(r.out, HasSubstr("kv bytes/token  3072 (fp16), 6144 (fp32)"));
 }
 
+TEST(Cli, InfoListsTensorBytesAndTotalsByType) {
+  auto r = RunCli("info -m " + kStories);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("mapped          "));
+  EXPECT_THAT(r.out, HasSubstr("weights stored  "));
+  EXPECT_THAT(r.out, HasSubstr("kv fp16 formula 2 x 5 layers x 4 KV heads x 8 x 2 bytes = 640 bytes/token"));
+  // token_embd.weight of stories260K: f32 [64, 512] = 131072 bytes.
+  EXPECT_THAT(r.out, ::testing::ContainsRegex("token_embd.weight +f32 +\\[64, 512\\] +131072"));
+}
+
+// make-gguf: a tiny custom shape in every type loads, generates, and info reports its shapes.
+TEST(Cli, MakeGgufRoundTrips) {
+  for (const char* type : {"f32", "f16", "q8_0", "q4_0"}) {
+    const std::string out = ::testing::TempDir() + "dk_make_" + std::to_string(::getpid()) + "_" + type + ".gguf";
+    auto r = RunCli("make-gguf -o " + out + " --shape custom --layers 2 --type " + type +
+                    " --n-embd 64 --n-ff 96 --n-head 4 --n-head-kv 2 --n-vocab 300 --seed 7");
+    ASSERT_EQ(r.exit_code, 0) << type << ": " << r.err;
+    auto info = RunCli("info -m " + out);
+    ASSERT_EQ(info.exit_code, 0) << type << ": " << info.err;
+    EXPECT_THAT(info.out, HasSubstr("n_embd          64")) << type;
+    EXPECT_THAT(info.out, HasSubstr("n_layer         2")) << type;
+    EXPECT_THAT(info.out, HasSubstr("n_head_kv       2 (GQA group 2)")) << type;
+    EXPECT_THAT(info.out, HasSubstr("n_ff            96")) << type;
+    EXPECT_THAT(info.out, HasSubstr("n_vocab         300")) << type;
+    EXPECT_THAT(info.out, HasSubstr("blk.1.ffn_down.weight")) << type;
+    EXPECT_THAT(info.out, HasSubstr(type)) << type;
+    auto gen = RunCli("generate -m " + out + " -p 'Once upon a time' -n 8 --temp 0 -t 2");
+    EXPECT_EQ(gen.exit_code, 0) << type << ": " << gen.err;
+    std::remove(out.c_str());
+  }
+}
+
+TEST(Cli, MakeGgufRefusesBadShapesAndTypes) {
+  const std::string out = ::testing::TempDir() + "dk_make_bad_" + std::to_string(::getpid()) + ".gguf";
+  EXPECT_EQ(RunCli("make-gguf -o " + out + " --shape gpt5").exit_code, 2);
+  EXPECT_EQ(RunCli("make-gguf -o " + out + " --shape custom --layers 1").exit_code, 2);
+  EXPECT_EQ(RunCli("make-gguf -o " + out + " --shape llama2-7b --type q3_k").exit_code, 2);
+  auto r = RunCli("make-gguf -o " + out + " --shape custom --layers 1 --n-embd 48 --n-ff 96 --n-head 4 --n-vocab 300 "
+                  "--type q4_0");
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_THAT(r.err, HasSubstr("multiples of 32"));
+  EXPECT_EQ(RunCli("make-gguf --shape llama2-7b").exit_code, 2);  // no -o
+  EXPECT_FALSE(std::ifstream(out).good());
+}
+
+TEST(Cli, MakeGgufChecksFreeSpaceFirst) {
+  // 4000 layers of llama3-8b in f32 is about 3.5 TB: more than a test machine has. When
+  // there is that much room the check cannot be shown this way: skip.
+  const std::string out = ::testing::TempDir() + "dk_make_big_" + std::to_string(::getpid()) + ".gguf";
+  auto r = RunCli("make-gguf -o " + out + " --shape llama3-8b --type f32 --layers 4000");
+  if (r.exit_code == 0) {
+    std::remove(out.c_str());
+    GTEST_SKIP() << "this machine had room for it";
+  }
+  EXPECT_EQ(r.exit_code, 1) << r.err;
+  EXPECT_THAT(r.err, HasSubstr("are free in"));
+  EXPECT_FALSE(std::ifstream(out).good());
+}
+
 TEST(Cli, UnknownFlagIsOneLineAndExit2) {
   for (const char* cmd : {"info", "generate", "perplexity"}) {
     auto r = RunCli(std::string(cmd) + " -m " + kStories + " --frobnicate 3");

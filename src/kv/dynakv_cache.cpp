@@ -628,7 +628,7 @@ void DynaKvCache::AttendGemm(int layer, const KvPlan& plan, float* out, ThreadPo
   const int rmax_v = *std::max_element(rv.begin(), rv.end());
   kd_.resize(static_cast<size_t>(T) * rmax_k);
   vd_.resize(static_cast<size_t>(T) * rmax_v);
-  pool.ParallelFor(T, [&](int64_t b, int64_t e, int) {
+  pool.ParallelForChunked(T, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       float* kt = kd_.data() + t * rmax_k;
       float* vt = vd_.data() + t * rmax_v;
@@ -644,7 +644,7 @@ void DynaKvCache::AttendGemm(int layer, const KvPlan& plan, float* out, ThreadPo
     float* S = s_.data();
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, T, rmax_k, 1.0f, qt_.data() + static_cast<size_t>(h) * Dk,
                 Hq * Dk, kd_.data(), rmax_k, 0.0f, S, T);
-    pool.ParallelFor(n, [&](int64_t b, int64_t e, int) {
+    pool.ParallelForChunked(n, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         float* row = S + i * T;
         const int visible = before + static_cast<int>(i) + 1;

@@ -101,7 +101,7 @@ void FullKvCache::Attend(int layer, const KvPlan& plan, const float* q, float* o
   const int64_t D = shape_.kv_dim();
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   const int before = n_[layer] - plan.n;  // rows stored before this batch
-  pool.ParallelFor(static_cast<int64_t>(plan.n) * Hq, [&](int64_t begin, int64_t end, int) {
+  pool.ParallelForChunked(static_cast<int64_t>(plan.n) * Hq, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(n_[layer]);
     for (int64_t item = begin; item < end; ++item) {
       const int i = static_cast<int>(item / Hq), h = static_cast<int>(item % Hq), g = h / group;
@@ -163,7 +163,7 @@ void FullKvCache::AttendGemm(int layer, const KvPlan& plan, const float* q, floa
     for (int h = g * group; h < (g + 1) * group; ++h) {
       float* S = scratch_s_.data();
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, T, d, scale, q + h * d, Hq * d, kr, ld, 0.0f, S, T);
-      pool.ParallelFor(n, [&](int64_t b, int64_t e, int) {
+      pool.ParallelForChunked(n, [&](int64_t b, int64_t e) {
         for (int64_t i = b; i < e; ++i) {
           float* row = S + i * T;
           const int visible = before + static_cast<int>(i) + 1;

@@ -44,7 +44,7 @@ void AttendKvHeadGemm(const KvShape& shape, int g, int n, int T, const float* q,
     }
     float* S = scratch.s.data();
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, T, d, scale, qh, ldq, scratch.k.data(), d, 0.0f, S, T);
-    pool.ParallelFor(n, [&](int64_t b, int64_t e, int) {
+    pool.ParallelForChunked(n, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         float* row = S + i * T;
         const int visible = before + static_cast<int>(i) + 1;

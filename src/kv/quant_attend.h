@@ -53,7 +53,7 @@ void AttendDecode(const KvShape& shape, int stored, const KvPlan& plan, const fl
   const int d = shape.head_dim, Hq = shape.n_head, group = Hq / shape.n_head_kv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   const int before = stored - plan.n;  // tokens stored before this batch
-  pool.ParallelFor(static_cast<int64_t>(plan.n) * Hq, [&](int64_t begin, int64_t end, int) {
+  pool.ParallelForChunked(static_cast<int64_t>(plan.n) * Hq, [&](int64_t begin, int64_t end) {
     std::vector<float> s(static_cast<size_t>(stored)), qs(d), acc(d);  // [stored], [d], [d]
     for (int64_t item = begin; item < end; ++item) {
       const int i = static_cast<int>(item / Hq), h = static_cast<int>(item % Hq), g = h / group;

@@ -360,7 +360,7 @@ void CausalAttentionForward(const float* q, const float* k, const float* v, floa
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, d, scale, q + a.Q(b, 0, h), ldq,
                   k + a.KV(b, 0, h / a.group()), ldk, 0.0f, probs + a.P(b, h), T);
   // One pass over all B * Hq * T rows: causal softmax, zeros above the diagonal.
-  pool.ParallelFor(static_cast<int64_t>(B) * Hq * T, [&](int64_t begin, int64_t end, int) {
+  pool.ParallelForChunked(static_cast<int64_t>(B) * Hq * T, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       float* row = probs + At(r, T);
       const int visible = static_cast<int>(r % T) + 1;
@@ -387,7 +387,7 @@ void CausalAttentionBackward(const float* q, const float* k, const float* v, con
       const float* P = probs + a.P(b, h);
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, d, 1.0f, dout + a.Q(b, 0, h), ldq,
                   v + a.KV(b, 0, g), ldk, 0.0f, ds.data(), T);
-      pool.ParallelFor(T, [&](int64_t begin, int64_t end, int) {
+      pool.ParallelForChunked(T, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
           const float* p = P + At(i, T);
           float* s = ds.data() + At(i, T);
@@ -758,7 +758,7 @@ void DistillRow(const DistillRowArgs& a, int64_t t, float* ds, float* et, Distil
 DistillLossSums DistillLoss(const float* s, const float* teacher, const int32_t* target, int n, int V, float w_kl,
                             float w_ce, float scale, float* ds, ThreadPool& pool) {
   const DistillRowArgs args{s, teacher, target, V, w_kl, w_ce, scale};
-  std::vector<DistillLossSums> partial(pool.size());  // one per thread index
+  std::vector<DistillLossSums> partial(pool.size());  // one per part of the pool
   pool.ParallelFor(n, [&](int64_t begin, int64_t end, int tid) {
     std::vector<float> et(teacher != nullptr ? V : 0);  // [V]
     DistillLossSums acc;
@@ -766,7 +766,7 @@ DistillLossSums DistillLoss(const float* s, const float* teacher, const int32_t*
     partial[tid] = acc;
   });
   DistillLossSums sums;
-  for (const DistillLossSums& p : partial) {  // thread-index order: independent of timing
+  for (const DistillLossSums& p : partial) {  // part order: independent of timing
     sums.kl += p.kl;
     sums.ce += p.ce;
     sums.top1_agree += p.top1_agree;

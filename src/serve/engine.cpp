@@ -6,7 +6,7 @@
 
 namespace dk {
 
-ForwardGate::ForwardGate(const Model& model, int threads) : model_(model), pool_(threads) { SetBlasThreads(threads); }
+ForwardGate::ForwardGate(const Model& model, int threads) : model_(model), pool_(threads) { ConfigureBlasFor(threads); }
 
 void ForwardGate::Enter() {
   std::unique_lock<std::mutex> lock(mu_);

@@ -82,7 +82,7 @@ int CmdCalibrate(int argc, char** argv) {
   if (!text.ok()) return Fail("calibrate", text.status());
   const std::vector<int32_t> tokens = m.tokenizer().Encode(*text, true);
   ThreadPool pool(threads);
-  SetBlasThreads(threads);
+  ConfigureBlasFor(threads);
   const int64_t n_chunks_total = static_cast<int64_t>(tokens.size()) / n_ctx;
   const int64_t n_chunks = chunks > 0 ? std::min<int64_t>(chunks, n_chunks_total) : n_chunks_total;
   std::fprintf(stderr, "calibrate: %zu tokens, %lld chunks of %d, D = %d (%d KV heads x %d), %d layers\n",

@@ -153,7 +153,7 @@ int CmdEval(int argc, char** argv) {
   if (!model.ok()) return Fail("eval", model.status());
   WarnAboveTrainingContext("eval", **model, spec->ppl_ctx);
   ThreadPool pool(threads);
-  SetBlasThreads(threads);
+  ConfigureBlasFor(threads);
   // One line per task (tasks take seconds to minutes): which runs, how far along, the time so far.
   const auto t0 = std::chrono::steady_clock::now();
   auto summary = RunEvaluation(**model, *spec, results, force, pool, [&](int done, int total, const std::string& what) {

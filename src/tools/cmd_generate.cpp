@@ -60,7 +60,7 @@ int CmdGenerate(int argc, char** argv) {
   auto cache = CreateKvCache(kv, ModelInfoFor(m, model_path), n_ctx);
   if (!cache.ok()) return CacheError("generate", p, cache.status());
   ThreadPool pool(threads);
-  SetBlasThreads(threads);
+  ConfigureBlasFor(threads);
   Sampler sampler(SamplerOptions{static_cast<float>(temp), top_k, static_cast<float>(top_p), seed});
   std::printf("%s", m.tokenizer().Decode(tokens).c_str());
   std::fflush(stdout);

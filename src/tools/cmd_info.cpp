@@ -1,5 +1,7 @@
 // dynakv info: what a model file holds and what its KV cache costs per token.
 #include <cstdio>
+#include <map>
+#include <utility>
 
 #include "kv/full_cache.h"
 #include "kv/profile.h"
@@ -14,7 +16,7 @@ int CmdInfo(int argc, char** argv) {
   p.AddString({"-m", "--model"}, &model_path, "FILE", "GGUF model file (required)");
   p.AddString({"--profile"}, &profile_path, "FILE",
               "also check a DynaKV profile against the model and print its explained variance per layer and level");
-  p.AddFlag({"--tensors"}, &tensors, "also list every tensor with its type and shape");
+  p.AddFlag({"--tensors"}, &tensors, "accepted for old scripts: the tensor table is always printed");
   p.AddFlag({"-h", "--help"}, &help, "show this help");
   if (Status s = p.Parse(argc, argv, 2); !s.ok()) return UsageError("info", p, s);
   if (help) {
@@ -44,12 +46,32 @@ int CmdInfo(int argc, char** argv) {
   std::printf("kv width D      %d per layer for K and for V (%d KV heads x %d)\n", s.kv_dim(), s.n_head_kv, s.head_dim);
   std::printf("kv bytes/token  %zu (fp16), %zu (fp32)\n", FullKvCache(s, 1, KvDtype::kF16).BytesPerToken(),
               FullKvCache(s, 1, KvDtype::kF32).BytesPerToken());
-  std::printf("fingerprint     %016llx\n", static_cast<unsigned long long>(m.fingerprint()));
-  if (tensors) {
-    for (const GgufTensorInfo& t : g.tensors())
-      std::printf("  %-28s %-6s %s\n", Printable(t.name).c_str(), TypeName(static_cast<uint32_t>(t.type)).c_str(),
-                  t.shape_string().c_str());
+  // The full fp16 cache, from the hyperparameters: K and V, every layer, every KV head.
+  const unsigned long long kv_formula = 2ull * c.n_layer * c.n_head_kv * c.head_dim * 2ull;
+  std::printf("kv fp16 formula 2 x %d layers x %d KV heads x %d x 2 bytes = %llu bytes/token\n", c.n_layer,
+              c.n_head_kv, c.head_dim, kv_formula);
+  std::printf("mapped          %zu bytes (%.2f MiB: the file, memory-mapped)\n", g.file_size(),
+              g.file_size() / 1048576.0);
+  // Weight bytes as stored in the file, by tensor type (type id order).
+  std::map<uint32_t, std::pair<size_t, size_t>> by_type;  // type -> (tensors, bytes)
+  size_t stored = 0;
+  for (const GgufTensorInfo& t : g.tensors()) {
+    auto& e = by_type[static_cast<uint32_t>(t.type)];
+    ++e.first;
+    e.second += t.nbytes;
+    stored += t.nbytes;
   }
+  std::printf("weights stored  %zu bytes (%.2f MiB)", stored, stored / 1048576.0);
+  for (const auto& [type, e] : by_type)
+    std::printf("%s %s %zu bytes in %zu tensors", type == by_type.begin()->first ? ":" : ",", TypeName(type).c_str(),
+                e.second, e.first);
+  std::printf("\n");
+  std::printf("fingerprint     %016llx\n", static_cast<unsigned long long>(m.fingerprint()));
+  (void)tensors;
+  std::printf("tensors         name, type, shape (ggml order), bytes\n");
+  for (const GgufTensorInfo& t : g.tensors())
+    std::printf("  %-28s %-6s %-20s %zu\n", Printable(t.name).c_str(), TypeName(static_cast<uint32_t>(t.type)).c_str(),
+                t.shape_string().c_str(), t.nbytes);
   if (!profile_path.empty()) {
     auto profile = LoadProfile(profile_path);
     if (!profile.ok()) return Fail("info", profile.status());

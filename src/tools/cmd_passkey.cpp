@@ -119,7 +119,7 @@ int CmdPasskey(int argc, char** argv) {
   auto cache = CreateKvCache(kv, ModelInfoFor(m, model_path), n_ctx);
   if (!cache.ok()) return CacheError("passkey", p, cache.status());
   ThreadPool pool(threads);
-  SetBlasThreads(threads);
+  ConfigureBlasFor(threads);
   const int n_cases = static_cast<int>(cases->size());
   int redrawn = 0;
   for (const PasskeyCase& c : *cases) redrawn += c.redraws > 0;

@@ -65,7 +65,7 @@ int CmdPerplexity(int argc, char** argv) {
     reference = std::move(*ref);
   }
   ThreadPool pool(threads);
-  SetBlasThreads(threads);
+  ConfigureBlasFor(threads);
   const int n_chunks_total = static_cast<int>(tokens.size() / n_ctx);
   const int n_chunks = chunks > 0 ? std::min(chunks, n_chunks_total) : n_chunks_total;
   std::fprintf(stderr, "perplexity: %zu tokens, %d chunks of %d, kv cache %s\n", tokens.size(), n_chunks, n_ctx,

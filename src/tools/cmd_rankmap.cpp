@@ -55,7 +55,7 @@ int CmdRankmap(int argc, char** argv) {
   auto* dyna = dynamic_cast<DynaKvCache*>(cache->get());
   if (dyna == nullptr) return UsageError("rankmap", p, InvalidArgument("--evict: rankmap shows a dynakv cache alone"));
   ThreadPool pool(threads);
-  SetBlasThreads(threads);
+  ConfigureBlasFor(threads);
   auto map = CollectRankMap(m, tokens, *dyna, 512, pool);
   if (!map.ok()) return Fail("rankmap", map.status());
   map->title = m.config().name + " | profile " + kv.options.String("--profile", "") + " | cache " + dyna->name();

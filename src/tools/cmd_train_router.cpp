@@ -99,7 +99,7 @@ int CmdTrainRouter(int argc, char** argv) {
                data->plain.size(), data->docs.size(), data->skipped_docs, o.target, o.steps, o.batch, o.seq_len,
                o.hidden, o.train_bases ? ", training bases" : "");
   ThreadPool pool(threads);
-  SetBlasThreads(threads);
+  ConfigureBlasFor(threads);
   ProgressBar bar("train-router", o.steps, !quiet);
   std::string log;
   auto r = TrainRouter(m, *base, *data, o, pool, [&](const TrainStepStats& s, int) {

@@ -45,5 +45,6 @@ int CmdEval(int argc, char** argv);
 int CmdExportProfile(int argc, char** argv);
 int CmdPasskey(int argc, char** argv);
 int CmdServe(int argc, char** argv);
+int CmdMakeGguf(int argc, char** argv);
 
 }  // namespace dk::cli

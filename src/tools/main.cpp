@@ -23,6 +23,7 @@ void PrintUsage(FILE* out) {
                "  eval        compare KV methods at equal cache fractions (perplexity/KL, passkey, speed)\n"
                "  export-profile  a profile as safetensors + JSON for PyTorch serving engines\n"
                "  serve       an HTTP server with OpenAI's API (completions, chat, streaming), S slots\n"
+               "  make-gguf   a random-weight Llama GGUF of a real model's shapes and type (speed measurements)\n"
                "run 'dynakv <command> --help' for its flags\n");
 }
 
@@ -51,6 +52,7 @@ int Dispatch(int argc, char** argv) {
   if (cmd == "eval") return CmdEval(argc, argv);
   if (cmd == "export-profile") return CmdExportProfile(argc, argv);
   if (cmd == "serve") return CmdServe(argc, argv);
+  if (cmd == "make-gguf") return CmdMakeGguf(argc, argv);
   std::fprintf(stderr, "dynakv: unknown command '%s'\n", cmd.c_str());
   PrintUsage(stderr);
   return kExitUsage;
