@@ -481,7 +481,9 @@ void MatMulDot(const float* x, const WeightMatrix& w, float* y, int n, bool accu
     }
   };
   if (pool != nullptr && pool->size() > 1 && w.rows * w.cols * n >= kParallelMinValues) {
-    pool->ParallelFor(w.rows, body);
+    // Rows are independent: chunks claimed from the pool's counter, so a descheduled worker holds
+    // back one small chunk, not half the rows.
+    pool->ParallelForChunked(w.rows, [&](int64_t r0, int64_t r1) { body(r0, r1, 0); }, 16);
   } else {
     body(0, w.rows, 0);
   }
@@ -501,7 +503,7 @@ void MatMulTiles(const float* x, const WeightMatrix& w, float* y, int n, bool ac
       for (int64_t r = a; r < b; ++r) DequantizeWeights(w.type, w.row(r0 + r), buf + r * w.cols, w.cols);
     };
     if (pool != nullptr && pool->size() > 1) {
-      pool->ParallelFor(t, deq);
+      pool->ParallelForChunked(t, [&](int64_t a, int64_t b) { deq(a, b, 0); }, 4);
     } else {
       deq(0, t, 0);
     }
@@ -513,6 +515,10 @@ void MatMulTiles(const float* x, const WeightMatrix& w, float* y, int n, bool ac
 
 }  // namespace
 
+// Rows per block of the F32 products split over the pool (see MatMulWT).
+constexpr int kF32GemvRows = 64;
+constexpr int kF32GemmRows = 64;
+
 int DotMaxRows() { return g_dot_max_rows.load(std::memory_order_relaxed); }
 void SetDotMaxRows(int n) { g_dot_max_rows.store(n, std::memory_order_relaxed); }
 
@@ -522,10 +528,27 @@ void MatMulWT(const float* x, const WeightMatrix& w, float* y, int n, bool accum
   if (w.type == WeightType::kF32 && reinterpret_cast<uintptr_t>(w.data) % alignof(float) == 0) {
     const auto* f = reinterpret_cast<const float*>(w.data);
     const float beta = accumulate ? 1.0f : 0.0f;
-    if (n == 1) {
-      cblas_sgemv(CblasRowMajor, CblasNoTrans, out, in, 1.0f, f, in, x, 1, beta, y, 1);
+    // OpenBLAS runs at one thread beside the pool (core/threads.h), so the pool splits the output
+    // rows: blocks of a fixed size whatever the thread count, each one sgemv/sgemm call on its
+    // rows, so every output is computed by the same call shape at -t 1 and -t N (same bits).
+    const int block = n == 1 ? kF32GemvRows : kF32GemmRows;
+    const int64_t blocks = (out + block - 1) / block;
+    auto run = [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int r0 = static_cast<int>(b * block), rows = std::min(block, out - r0);
+        if (n == 1) {
+          cblas_sgemv(CblasRowMajor, CblasNoTrans, rows, in, 1.0f, f + static_cast<int64_t>(r0) * in, in, x, 1, beta,
+                      y + r0, 1);
+        } else {
+          cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, rows, in, 1.0f, x, in,
+                      f + static_cast<int64_t>(r0) * in, in, beta, y + r0, out);
+        }
+      }
+    };
+    if (pool != nullptr && pool->size() > 1 && blocks > 1 && static_cast<int64_t>(out) * in * n >= kParallelMinValues) {
+      pool->ParallelForChunked(blocks, run, 1);
     } else {
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, out, in, 1.0f, x, in, f, in, beta, y, out);
+      run(0, blocks);
     }
     return;
   }
