@@ -422,10 +422,12 @@ TEST(PreTokenizer, PiecesCoverTheTextForEveryPreTokenizer) {
   for (int b = 0; b < 256; ++b) all_bytes += static_cast<char>(b);
   texts.push_back(all_bytes);
   std::mt19937 rng(7);
+  // Bytes to draw from: ASCII of each class, UTF-8 pieces (é, U+3000, an emoji, 你) and stray bytes.
+  static constexpr char kBytes[] = "a1 \n\t'.\xc3\xa9\xe3\x80\x80\xf0\x9f\x98\x81\x80\xff\xe4\xbd\xa0sS3,$";
   for (int i = 0; i < 200; ++i) {
     std::string t;
     const int n = static_cast<int>(rng() % 40);
-    for (int k = 0; k < n; ++k) t += "a1 \n\t'.\xc3\xa9\xe3\x80\x80\xf0\x9f\x98\x81\x80\xff\xe4\xbd\xa0sS3,$"[rng() % 33];
+    for (int k = 0; k < n; ++k) t += kBytes[rng() % (sizeof(kBytes) - 1)];
     texts.push_back(t);
   }
   for (const std::string& pre : Tokenizer::KnownPreTokenizers()) {
