@@ -16,6 +16,7 @@
 
 #include "gguf_writer.h"
 #include "model/gguf.h"
+#include "test_util.h"
 
 namespace dk {
 namespace {
@@ -248,30 +249,8 @@ TEST(SpmSmall, ByteFallbackUsesByteTokens) {
 
 // ---- GPT-2 byte-level BPE ----
 
-// Reference for GPT-2's bytes_to_unicode, written independently of the implementation.
-std::string ByteChar(unsigned char b) {
-  int n = 0;
-  uint32_t cp = 0;
-  for (int x = 0; x < 256; ++x) {
-    const bool printable = (x >= 33 && x <= 126) || (x >= 161 && x <= 172) || (x >= 174 && x <= 255);
-    const uint32_t mapped = printable ? static_cast<uint32_t>(x) : static_cast<uint32_t>(256 + n++);
-    if (x == b) cp = mapped;
-  }
-  std::string s;
-  if (cp < 0x80) {
-    s += static_cast<char>(cp);
-  } else {
-    s += static_cast<char>(0xC0 | (cp >> 6));
-    s += static_cast<char>(0x80 | (cp & 0x3F));
-  }
-  return s;
-}
-
-std::string Mapped(const std::string& raw) {
-  std::string s;
-  for (unsigned char c : raw) s += ByteChar(c);
-  return s;
-}
+std::string ByteChar(unsigned char b) { return test::Gpt2ByteChar(b); }
+std::string Mapped(const std::string& raw) { return test::Gpt2Mapped(raw); }
 
 // A vocabulary of all 256 byte characters (id == byte) plus one token per merge result.
 // Merges are given in raw bytes, highest priority first.

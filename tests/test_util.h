@@ -54,4 +54,30 @@ inline std::vector<double> ParseRunningPpl(const std::string& text) {
   return v;
 }
 
+// GPT-2's bytes_to_unicode, written independently of the tokenizer: printable bytes stand for
+// themselves, the others for U+0100, U+0101, ... in byte order; returned as UTF-8.
+inline std::string Gpt2ByteChar(int b) {
+  const auto printable = [](int x) { return (x >= 33 && x <= 126) || (x >= 161 && x <= 172) || (x >= 174 && x <= 255); };
+  int cp = b;
+  if (!printable(b)) {
+    cp = 256;
+    for (int x = 0; x < b; ++x) cp += !printable(x);
+  }
+  std::string s;
+  if (cp < 0x80) {
+    s += static_cast<char>(cp);
+  } else {
+    s += static_cast<char>(0xC0 | (cp >> 6));
+    s += static_cast<char>(0x80 | (cp & 0x3F));
+  }
+  return s;
+}
+
+// Raw bytes in GPT-2's byte-level alphabet.
+inline std::string Gpt2Mapped(const std::string& raw) {
+  std::string s;
+  for (const char c : raw) s += Gpt2ByteChar(static_cast<unsigned char>(c));
+  return s;
+}
+
 }  // namespace dk::test

@@ -22,6 +22,7 @@
 #include "gguf_writer.h"
 #include "model/gguf.h"
 #include "model/tokenizer.h"
+#include "test_util.h"
 
 namespace dk {
 namespace {
@@ -178,27 +179,8 @@ std::vector<int> ByteOrder() {
   return order;
 }
 
-std::string ByteChar(int b) {
-  uint32_t cp = static_cast<uint32_t>(b);
-  if (!Printable(b)) {
-    cp = 256;
-    for (int x = 0; x < b; ++x) cp += !Printable(x);
-  }
-  std::string s;
-  if (cp < 0x80) {
-    s += static_cast<char>(cp);
-  } else {
-    s += static_cast<char>(0xC0 | (cp >> 6));
-    s += static_cast<char>(0x80 | (cp & 0x3F));
-  }
-  return s;
-}
-
-std::string Mapped(const std::string& raw) {
-  std::string s;
-  for (const char c : raw) s += ByteChar(static_cast<unsigned char>(c));
-  return s;
-}
+std::string ByteChar(int b) { return test::Gpt2ByteChar(b); }
+std::string Mapped(const std::string& raw) { return test::Gpt2Mapped(raw); }
 
 // A tokenizer with only the 256 byte tokens, for its pre-tokenizer.
 std::unique_ptr<Tokenizer> BytesOnly(const std::string& pre) {
