@@ -1,4 +1,5 @@
-// MatMulWT on weights as stored: the dot-product kernels against dequantized tiles + sgemm, for
+// MatMulWT on weights as stored: the dot-product kernels (fp32 activations, or 8-bit activations
+// with each integer kernel) against dequantized tiles + sgemm, for
 // batches of n = 1..64 rows, on the shapes of the evaluation model's matrices taken from a
 // llama.cpp-quantized file (default: the Q4_K_M one), and the F32 file's sgemv/sgemm for scale.
 // Chooses DotMaxRows (ops/qmatmul.cpp): the largest n where the dot products still win.
@@ -12,6 +13,7 @@
 
 #include "core/threads.h"
 #include "model/llama.h"
+#include "ops/qdot.h"
 #include "ops/qmatmul.h"
 
 namespace {
@@ -20,7 +22,12 @@ std::string g_model = std::string(DK_BENCH_DATA) + "/brown-kjv-llama-6M-v2-q4_k_
 int g_threads = 1;
 std::unique_ptr<dk::Model> g_loaded;
 
-void BM_MatMul(benchmark::State& state, int which, bool dots) {
+// How the product runs: dot products on fp32 activations, 8-bit activations with the AVX2 or the
+// AVX-512 VNNI kernels, or dequantized tiles + sgemm.
+enum class Path { kDots, kQ8Avx2, kQ8Vnni, kTiles };
+constexpr const char* kPathNames[] = {"dots", "q8-avx2", "q8-avx512vnni", "tiles"};
+
+void BM_MatMul(benchmark::State& state, int which, Path path) {
   const dk::LayerWeights& l = g_loaded->layer(1);
   const dk::WeightMatrix& w = which == 0 ? l.wq : which == 1 ? l.w_up : which == 2 ? l.w_down : g_loaded->output();
   const int n = static_cast<int>(state.range(0));
@@ -30,7 +37,13 @@ void BM_MatMul(benchmark::State& state, int which, bool dots) {
   for (float& v : x) v = nd(rng);
   dk::ThreadPool pool(g_threads);
   dk::SetBlasThreads(g_threads);
-  dk::SetDotMaxRows(dots ? 1 << 20 : 0);
+  dk::SetDotMaxRows(path == Path::kTiles ? 0 : 1 << 20);
+  dk::SetActMode(path == Path::kQ8Avx2 || path == Path::kQ8Vnni ? dk::ActMode::kQ8 : dk::ActMode::kF32);
+  dk::SetQdotIsa(path == Path::kQ8Vnni ? dk::QdotIsa::kAvx512Vnni : dk::QdotIsa::kAvx2);
+  if (path == Path::kQ8Vnni && dk::ActiveQdotIsa() != dk::QdotIsa::kAvx512Vnni) {
+    state.SkipWithError("this CPU has no AVX-512 VNNI");
+    return;
+  }
   for (auto _ : state) {
     dk::MatMulWT(x.data(), w, y.data(), n, false, &pool);
     benchmark::DoNotOptimize(y.data());
@@ -54,9 +67,9 @@ int main(int argc, char** argv) {
   g_loaded = std::move(m).value();
   const char* names[] = {"wq", "w_up", "w_down", "output"};
   for (int which = 0; which < 4; ++which) {
-    for (bool dots : {true, false}) {
-      benchmark::RegisterBenchmark((std::string(names[which]) + (dots ? "/dots" : "/tiles")).c_str(), BM_MatMul, which,
-                                   dots)
+    for (Path path : {Path::kDots, Path::kQ8Avx2, Path::kQ8Vnni, Path::kTiles}) {
+      benchmark::RegisterBenchmark((std::string(names[which]) + "/" + kPathNames[static_cast<int>(path)]).c_str(),
+                                   BM_MatMul, which, path)
           ->Arg(1)->Arg(2)->Arg(4)->Arg(8)->Arg(16)->Arg(32)->Arg(64);
     }
   }

@@ -40,12 +40,6 @@ constexpr TypeEntry kTypes[] = {
     {30, {"bf16", 1, 2, true}},
 };
 
-uint16_t LoadU16(const uint8_t* p) {
-  uint16_t v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
 // The q8_0 / q4_0 kernels live in ops/quant.h and take typed (2-byte aligned) blocks. A file with
 // general.alignment = 1 can put a tensor at an odd address, so such data is copied through an
 // aligned buffer a chunk of blocks at a time.

@@ -4,11 +4,14 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <string>
 #include <cstring>
 #include <vector>
 
 #include "core/fp16.h"
 #include "core/threads.h"
+#include "ops/qdot.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
@@ -21,24 +24,6 @@ namespace dk {
 namespace {
 
 constexpr int64_t kQK = 256;
-
-uint16_t LoadU16(const uint8_t* p) {
-  uint16_t v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-float LoadF16(const uint8_t* p) { return Fp16ToFp32(LoadU16(p)); }
-
-// ggml's get_scale_min_k4: 8 six-bit scales and 8 six-bit mins packed into 12 bytes.
-inline void GetScaleMinK4(int j, const uint8_t* q, uint8_t* d, uint8_t* m) {
-  if (j < 4) {
-    *d = q[j] & 63;
-    *m = q[j + 4] & 63;
-  } else {
-    *d = static_cast<uint8_t>((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4));
-    *m = static_cast<uint8_t>((q[j + 4] >> 4) | ((q[j - 0] >> 6) << 4));
-  }
-}
 
 void DequantizeQ8_0(const uint8_t* src, float* dst, int64_t n) {
   for (int64_t b = 0; b < n / 32; ++b, src += 34, dst += 32) {
@@ -461,7 +446,14 @@ float DotWeights(WeightType type, const uint8_t* w, const float* x, int64_t n) {
 
 namespace {
 
-std::atomic<int> g_dot_max_rows{4};
+std::atomic<int> g_dot_max_rows{[] {
+  const char* env = std::getenv("DYNAKV_DOT_MAX_ROWS");
+  return env != nullptr && *env != '\0' ? std::atoi(env) : -1;
+}()};
+std::atomic<ActMode> g_act_mode{[] {
+  const char* env = std::getenv("DYNAKV_ACTS");
+  return env != nullptr && std::string(env) == "f32" ? ActMode::kF32 : ActMode::kQ8;
+}()};
 
 // Below this many stored values a matrix-vector product is not worth waking the pool for.
 constexpr int64_t kParallelMinValues = 1 << 16;
@@ -489,27 +481,70 @@ void MatMulDot(const float* x, const WeightMatrix& w, float* y, int n, bool accu
   }
 }
 
-void MatMulTiles(const float* x, const WeightMatrix& w, float* y, int n, bool accumulate, ThreadPool* pool) {
-  // Tiles of about 128K values (512 KiB of fp32), at least 16 rows: large enough for sgemm to run at
-  // speed, small enough to stay in cache between the dequantization and the product.
-  const int64_t tile = std::max<int64_t>(16, (int64_t{1} << 17) / std::max<int64_t>(1, w.cols));
-  thread_local std::vector<float> scratch;
-  const size_t need = static_cast<size_t>(std::min(tile, w.rows) * w.cols);
-  if (scratch.size() < need) scratch.resize(need);
-  float* buf = scratch.data();
-  for (int64_t r0 = 0; r0 < w.rows; r0 += tile) {
-    const int64_t t = std::min(tile, w.rows - r0);
-    auto deq = [&](int64_t a, int64_t b, int) {
-      for (int64_t r = a; r < b; ++r) DequantizeWeights(w.type, w.row(r0 + r), buf + r * w.cols, w.cols);
-    };
-    if (pool != nullptr && pool->size() > 1) {
-      pool->ParallelForChunked(t, [&](int64_t a, int64_t b) { deq(a, b, 0); }, 4);
-    } else {
-      deq(0, t, 0);
+// Quantized weights times 8-bit quantized activations (ops/qdot.h). The activations are quantized
+// once per call; each weight row is then multiplied with up to 4 activation rows at a time (its
+// blocks unpacked once for all of them), rows split over the pool in chunks of 16.
+void MatMulQ8(const float* x, const WeightMatrix& w, float* y, int n, bool accumulate, ThreadPool* pool) {
+  // The calling thread's buffers, named by reference: a lambda run by a pool worker that named the
+  // thread_local itself would get the worker's own (empty) one.
+  thread_local QuantizedActs tl_acts;
+  QuantizedActs& qa = tl_acts;
+  qa.Prepare(ActFormatFor(w.type), n, w.cols);
+  const bool parallel = pool != nullptr && pool->size() > 1 && w.rows * w.cols * n >= kParallelMinValues;
+  if (parallel && n >= 8) {
+    pool->ParallelForChunked(n, [&](int64_t a, int64_t b) {
+      for (int64_t i = a; i < b; ++i) qa.QuantizeRow(i, x + i * w.cols);
+    }, 4);
+  } else {
+    for (int i = 0; i < n; ++i) qa.QuantizeRow(i, x + static_cast<int64_t>(i) * w.cols);
+  }
+  const QdotIsa isa = ActiveQdotIsa();
+  auto body = [&](int64_t r0, int64_t r1) {
+    for (int i0 = 0; i0 < n; i0 += 4) {
+      const int nr = std::min(4, n - i0);
+      ActRow a[4];
+      for (int j = 0; j < nr; ++j) a[j] = qa.row(i0 + j);
+      for (int64_t r = r0; r < r1; ++r) {
+        float o[4];
+        DotQ8Rows(isa, w.type, w.row(r), a, nr, w.cols, o);
+        for (int j = 0; j < nr; ++j) {
+          float& out = y[static_cast<int64_t>(i0 + j) * w.rows + r];
+          out = accumulate ? out + o[j] : o[j];
+        }
+      }
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, static_cast<int>(t), static_cast<int>(w.cols), 1.0f, x,
-                static_cast<int>(w.cols), buf, static_cast<int>(w.cols), accumulate ? 1.0f : 0.0f, y + r0,
-                static_cast<int>(w.rows));
+  };
+  if (parallel) {
+    pool->ParallelForChunked(w.rows, body, 16);
+  } else {
+    body(0, w.rows);
+  }
+}
+
+void MatMulTiles(const float* x, const WeightMatrix& w, float* y, int n, bool accumulate, ThreadPool* pool) {
+  // Tiles of up to 64 rows (fewer for very wide rows: at most 256K values, 1 MiB of fp32), at least
+  // 16. Each tile is one task: its rows dequantized into the running thread's scratch, then one
+  // sgemm (OpenBLAS at one thread) on them, so a prefill's products use every thread of the pool
+  // and no more. The tile size depends on the shape only: the same bits at any thread count.
+  const int64_t tile = std::clamp<int64_t>((int64_t{1} << 18) / std::max<int64_t>(1, w.cols), 16, 64);
+  const int64_t tiles = (w.rows + tile - 1) / tile;
+  auto run = [&](int64_t t0, int64_t t1) {
+    thread_local std::vector<float> scratch;  // this thread's own
+    const size_t need = static_cast<size_t>(std::min(tile, w.rows) * w.cols);
+    if (scratch.size() < need) scratch.resize(need);
+    float* buf = scratch.data();
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = t * tile, rows = std::min(tile, w.rows - r0);
+      for (int64_t r = 0; r < rows; ++r) DequantizeWeights(w.type, w.row(r0 + r), buf + r * w.cols, w.cols);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, static_cast<int>(rows), static_cast<int>(w.cols), 1.0f,
+                  x, static_cast<int>(w.cols), buf, static_cast<int>(w.cols), accumulate ? 1.0f : 0.0f, y + r0,
+                  static_cast<int>(w.rows));
+    }
+  };
+  if (pool != nullptr && pool->size() > 1 && tiles > 1) {
+    pool->ParallelForChunked(tiles, run, 1);
+  } else {
+    run(0, tiles);
   }
 }
 
@@ -519,13 +554,27 @@ void MatMulTiles(const float* x, const WeightMatrix& w, float* y, int n, bool ac
 constexpr int kF32GemvRows = 64;
 constexpr int kF32GemmRows = 64;
 
+ActMode GetActMode() { return g_act_mode.load(std::memory_order_relaxed); }
+void SetActMode(ActMode m) { g_act_mode.store(m, std::memory_order_relaxed); }
+
 int DotMaxRows() { return g_dot_max_rows.load(std::memory_order_relaxed); }
+int DotMaxRowsFor(WeightType type) {
+  const int set = DotMaxRows();
+  if (set >= 0) return set;
+  if (type == WeightType::kF32) return 1;
+  return UsesQuantizedActs(type) && GetActMode() == ActMode::kQ8 ? 8 : 4;
+}
 void SetDotMaxRows(int n) { g_dot_max_rows.store(n, std::memory_order_relaxed); }
 
 void MatMulWT(const float* x, const WeightMatrix& w, float* y, int n, bool accumulate, ThreadPool* pool) {
   if (n <= 0 || w.rows <= 0) return;
   const int in = static_cast<int>(w.cols), out = static_cast<int>(w.rows);
-  if (w.type == WeightType::kF32 && reinterpret_cast<uintptr_t>(w.data) % alignof(float) == 0) {
+  const int dot_max = DotMaxRowsFor(w.type);
+  if (UsesQuantizedActs(w.type) && GetActMode() == ActMode::kQ8 && n <= dot_max) {
+    MatMulQ8(x, w, y, n, accumulate, pool);
+    return;
+  }
+  if (w.type == WeightType::kF32 && n > dot_max && reinterpret_cast<uintptr_t>(w.data) % alignof(float) == 0) {
     const auto* f = reinterpret_cast<const float*>(w.data);
     const float beta = accumulate ? 1.0f : 0.0f;
     // OpenBLAS runs at one thread beside the pool (core/threads.h), so the pool splits the output
@@ -552,7 +601,7 @@ void MatMulWT(const float* x, const WeightMatrix& w, float* y, int n, bool accum
     }
     return;
   }
-  if (n <= DotMaxRows()) {
+  if (n <= dot_max) {
     MatMulDot(x, w, y, n, accumulate, pool);
   } else {
     MatMulTiles(x, w, y, n, accumulate, pool);

@@ -15,6 +15,9 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
+
+#include "core/fp16.h"
 
 namespace dk {
 
@@ -40,6 +43,24 @@ struct WeightMatrix {
 };
 WeightMatrix MakeWeightMatrix(WeightType type, const void* data, int64_t rows, int64_t cols);
 
+// Block fields at any alignment: an fp16 scale, and ggml's get_scale_min_k4 (8 six-bit scales and
+// 8 six-bit mins of q4_K / q5_K packed into 12 bytes).
+inline uint16_t LoadU16(const uint8_t* p) {
+  uint16_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline float LoadF16(const uint8_t* p) { return Fp16ToFp32(LoadU16(p)); }
+inline void GetScaleMinK4(int j, const uint8_t* q, uint8_t* d, uint8_t* m) {
+  if (j < 4) {
+    *d = q[j] & 63;
+    *m = q[j + 4] & 63;
+  } else {
+    *d = static_cast<uint8_t>((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4));
+    *m = static_cast<uint8_t>((q[j + 4] >> 4) | ((q[j - 0] >> 6) << 4));
+  }
+}
+
 // ggml's k-quant decoders, with ggml's float evaluation order (dequantize_row_q4_K / _q5_K / _q6_K):
 // n values (a multiple of 256) at `src` (any alignment) to fp32.
 //   block_q4_K (144 bytes): fp16 d, fp16 dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles;
@@ -58,12 +79,27 @@ float DotWeights(WeightType type, const uint8_t* w, const float* x, int64_t n);
 // True when DotWeights runs the AVX2 kernels.
 bool DotWeightsUsesAvx2();
 
+// How products with q8_0 / q4_0 / q4_K / q5_K / q6_K weights treat the activations:
+//   kQ8   quantized to 8-bit blocks, integer dot products (ops/qdot.h), as llama.cpp does (default);
+//   kF32  kept in fp32, weights decoded to fp32 on the fly (DotWeights; dequantized tiles + sgemm
+//         above DotMaxRows rows): the product with the stored weights up to float rounding.
+// The default can be set with DYNAKV_ACTS=f32|q8 in the environment.
+enum class ActMode : uint8_t { kQ8, kF32 };
+ActMode GetActMode();
+void SetActMode(ActMode m);
+
 // y[n][w.rows] = x[n][w.cols] * W^T (accumulate: y +=). pool (may be null) splits the rows of the
 // dot-product path; OpenBLAS threads itself.
 void MatMulWT(const float* x, const WeightMatrix& w, float* y, int n, bool accumulate, ThreadPool* pool);
 
-// Largest n that MatMulWT runs as dot products (above: dequantized tiles + sgemm). Settable for
-// measurements and tests; the default comes from bench/ measurements (docs/architecture.md).
+// Largest n that MatMulWT runs as dot products (above: sgemm on F32 weights, dequantized tiles +
+// sgemm on the others), for a weight type under the current ActMode. The defaults come from
+// bench_qmatmul and bench_engine measurements (docs/architecture.md, Weights as stored): 8 for the
+// 8-bit integer kernels, 4 for the fp32-activation dot products, 1 for F32 weights (OpenBLAS
+// sgemm wins from 2 rows on). SetDotMaxRows(n >= 0) sets one limit for every type (tests and
+// benchmarks force a path with it; DYNAKV_DOT_MAX_ROWS=n in the environment does the same); -1
+// restores the defaults. DotMaxRows() returns what was set.
+int DotMaxRowsFor(WeightType type);
 int DotMaxRows();
 void SetDotMaxRows(int n);
 
