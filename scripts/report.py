@@ -691,6 +691,89 @@ def training_section(runs, calibration):
     return L + [""]
 
 
+def weights_section(results):
+    """'Weights as stored' from <results>/weights/summary.json (scripts/weights_bench.py), or []."""
+    path = os.path.join(results, "weights", "summary.json")
+    if not os.path.exists(path):
+        return []
+    w = load_json(path)
+    models, base = w["models"], w["baseline"]
+    order = [t for t in ["f32", "f16", "q8_0", "q6_k", "q4_k_m", "q4_0"] if t in models]
+
+    def cell(rows, phase, t, threads, ctx):
+        r = rows.get(f"{phase}|{models[t]}|{threads}|{ctx}")
+        b = rows.get(f"{phase}|{models[base]}|{threads}|{ctx}")
+        if not r:
+            return "-"
+        txt = f"{r['mean']:.0f}"
+        if t != base and b:
+            txt += f" ({r['mean'] / b['mean']:.2f}x)"
+        return txt
+
+    L = ["## Weights as stored", "",
+         f"Each llama.cpp-quantized file of the evaluation model against the {base.upper()} one, measured in one run of "
+         f"`{w['command']}` ({w['date']}, {w['cpu']}, {w['cores']} cores; mean of {w['reps']} interleaved "
+         "repetitions). Prefill: one batch of ctx tokens from an empty cache; decode: 32 single-token steps ending "
+         f"at ctx; full fp16 cache. Tokens/s, and in brackets the ratio to {base.upper()} at the same threads and "
+         "context. Quantized products: 8-bit activations and integer dot products (AVX-512 VNNI where the CPU has "
+         "it) up to 8 rows, dequantized tiles + sgemm for prefill batches (docs/architecture.md, Weights as stored).",
+         ""]
+    ctxs = sorted({int(k.split("|")[3]) for k in w["idle"]})
+    for phase in ("prefill", "decode"):
+        head = [f"{t} thr, ctx {c}" for t in (1, 2) for c in ctxs]
+        L += [f"{phase.capitalize()} tokens/s, idle machine:", "", "| weights | " + " | ".join(head) + " |",
+              "|---|" + "---|" * len(head)]
+        for t in order:
+            L.append(f"| {t} | " + " | ".join(cell(w["idle"], phase, t, th, c) for th in (1, 2) for c in ctxs) + " |")
+        L.append("")
+    if w.get("loaded"):
+        L += [f"Beside {w['busy']} busy loops on the {w['cores']} cores (ctx 512; ratios to {base.upper()} under the same "
+              "load):", "", "| weights | prefill 1 thr | prefill 2 thr | decode 1 thr | decode 2 thr |", "|---|---|---|---|---|"]
+        for t in order:
+            L.append(f"| {t} | " + " | ".join(cell(w["loaded"], ph, t, th, 512) for ph in ("prefill", "decode")
+                                               for th in (1, 2)) + " |")
+        L.append("")
+    mem = w.get("memory", {})
+    prog = w.get("program_rss_bytes")
+    if mem:
+        L += ["Resident memory (maximum RSS, MiB) against the file's size. The program alone (`dynakv generate "
+              f"--help`, its libraries): {mib(prog)} MiB. `info` loads the model (maps the file and checks every "
+              "block's scales, so every page is touched once); `generate` runs 64 tokens; `perplexity` adds "
+              f"512-token batches and their logits. KV cache: {w.get('kv_bytes_per_token')} bytes per token (fp16).",
+              "", "| weights | file | info (load) | generate | generate - program - file | perplexity -c 512 |",
+              "|---|---|---|---|---|---|"]
+        for t in order:
+            m = mem.get(t)
+            if m:
+                rest = m["generate_rss_bytes"] - prog - m["file_bytes"] if prog else None
+                L.append(f"| {t} | {mib(m['file_bytes'])} | {mib(m.get('load_rss_bytes'))} | "
+                         f"{mib(m['generate_rss_bytes'])} | {mib(rest)} | {mib(m['perplexity_rss_bytes'])} |")
+        L += ["", "Commands: " + "; ".join(f"`{c}`" for c in w.get("rss_commands", {}).values()), ""]
+    v1 = w.get("v1") or {}
+    if v1:
+        L += ["The v1 files at llama-bench's workloads, beside the llama.cpp figures the models' README gives for "
+              "this machine type (`llama-bench -p 128,512 -n 128 -r 5`, another run on another day, so only a rough "
+              "comparison; llama.cpp is not installed here to measure both in one run). llama-bench's tg128 "
+              "averages decode over contexts 0 to 128; ours is the 32 steps before context 128.", "",
+              "Each cell: ours / llama.cpp's (README) = ratio.", "",
+              "| model | threads | prefill 128 | prefill 512 | decode near 128 |", "|---|---|---|---|---|"]
+        readme = w.get("llama_bench_readme") or {}
+        for m in sorted({k.split("|")[1] for k in v1}):
+            for th in (1, 2):
+                theirs = readme.get(f"{m}|{th}", {})
+
+                def vs(ph, c, key, m=m, th=th, theirs=theirs):
+                    ours = v1.get(f"{ph}|{m}|{th}|{c}", {}).get("mean")
+                    if ours is None:
+                        return "-"
+                    t = theirs.get(key)
+                    return f"{ours:.0f}" + (f" / {t:.0f} = {ours / t:.2f}x" if t else "")
+                L.append(f"| {m} | {th} | {vs('prefill', 128, 'pp128')} | {vs('prefill', 512, 'pp512')} | "
+                         f"{vs('decode', 128, 'tg128')} |")
+        L.append("")
+    return L
+
+
 def markdown(data, args, runs, calibration, plots_rel, command, heatmap_what):
     rel = lambda p: os.path.relpath(p, ROOT) if os.path.abspath(p).startswith(ROOT + os.sep) else p
     L = ["# Results", "",
@@ -706,6 +789,7 @@ def markdown(data, args, runs, calibration, plots_rel, command, heatmap_what):
               "Prefill and decode tokens/s after a prompt of ctx tokens; decode / full is the decode rate over the "
               "full cache's at the same ctx; KV MiB is the resident cache after the prompt, reserved MiB what it "
               "allocated.", ""] + sp + [""]
+    L += weights_section(args.results)
     if runs:
         L += training_section(runs, calibration)
     caps = {
@@ -845,6 +929,21 @@ def synthetic(root, rich=True):
             training.append(d)
         os.makedirs(os.path.join(root, "calibrate"), exist_ok=True)
         atomic_write(os.path.join(root, "calibrate", "config.json"), json.dumps({"command": [], "seconds": 44.9}))
+        # scripts/weights_bench.py's summary: two weight types, one of them missing a row.
+        names = {"f32": "m-f32", "q4_k_m": "m-q4_k_m"}
+        idle = {f"{ph}|{names[t]}|{th}|{c}": {"mean": 1000.0 * th * (2 if t == "q4_k_m" else 1), "stddev": 5.0}
+                for ph in ("prefill", "decode") for t in names for th in (1, 2) for c in (128, 512)}
+        del idle["decode|m-q4_k_m|2|512"]
+        mem = {t: {"file_bytes": b, "load_rss_bytes": (16 << 20) + b, "generate_rss_bytes": (17 << 20) + b,
+                   "perplexity_rss_bytes": (50 << 20) + b} for t, b in (("f32", 27 << 20), ("q4_k_m", 4 << 20))}
+        os.makedirs(os.path.join(root, "weights"), exist_ok=True)
+        atomic_write(os.path.join(root, "weights", "summary.json"), json.dumps({
+            "models": names, "baseline": "f32", "command": "scripts/weights_bench.py", "date": "today", "cpu": "cpu",
+            "cores": 2, "reps": 3, "busy": 2, "idle": idle, "loaded": {k: v for k, v in idle.items() if "|512" in k},
+            "v1": {"decode|v1-f32|1|128": {"mean": 700.0}}, "memory": mem,
+            "llama_bench_readme": {"v1-f32|1": {"pp128": 4000.0, "pp512": 3000.0, "tg128": 350.0}},
+            "program_rss_bytes": 16 << 20, "kv_bytes_per_token": 3072,
+            "rss_commands": {"generate": "dynakv generate"}}))
     return training
 
 
@@ -875,7 +974,8 @@ def check(keep):
                 problems.append("training_curves not made")
             md = open(a.out).read() if os.path.exists(a.out) else ""
             for want in ["# Results", "Generated by scripts/report.py from", "## Quality", "## Who wins where",
-                         "Regenerate: `"] + (["## Speed", "## Router training", "**"] if rich else []):
+                         "Regenerate: `"] + (["## Speed", "## Router training", "**", "## Weights as stored",
+                                             "| q4_k_m | 4.00 |", "2000 (2.00x)", "700 / 350 = 2.00x"] if rich else []):
                 if want not in md:
                     problems.append(f"{a.out}: '{want}' missing")
             for img in re.findall(r"!\[[^]]*\]\(([^)]+)\)", md):

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -121,6 +122,22 @@ TEST(ActQuant, Q8_KIsGgmlsBlockQ8_K) {
   EXPECT_EQ(d[0], 1.0f);
   EXPECT_EQ(q[1], 2);
   EXPECT_EQ(q[2], 2);
+}
+
+// A non-finite activation (the forward pass reports it per layer) must not reach an undefined
+// float-to-int conversion: the codes stay within [-127, 127] (UBSan runs this in the ASan build).
+TEST(ActQuant, NonFiniteValuesStayInRange) {
+  for (ActFormat f : {ActFormat::kQ8_0, ActFormat::kQ8_K}) {
+    std::vector<float> x(256, 0.5f);
+    x[1] = std::numeric_limits<float>::infinity();
+    x[2] = std::numeric_limits<float>::quiet_NaN();
+    x[40] = -std::numeric_limits<float>::infinity();
+    std::vector<int8_t> q(256);
+    std::vector<float> d(8);
+    std::vector<int16_t> sums(16);
+    QuantizeActRow(f, x.data(), 256, q.data(), d.data(), sums.data());
+    for (int8_t v : q) EXPECT_LE(std::abs(static_cast<int>(v)), 127);
+  }
 }
 
 // The reference against sum_i w_i * (d_a q_a,i) in double, w_i the decoded weights (DequantizeWeights,

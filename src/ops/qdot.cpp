@@ -34,8 +34,14 @@ ActFormat ActFormatFor(WeightType type) {
 
 namespace {
 // Round to nearest, ties to even (the default rounding mode; ggml's nearest_int and its AVX
-// quantizers' _MM_ROUND_NEAREST).
-inline int RoundEven(float v) { return static_cast<int>(std::nearbyint(v)); }
+// quantizers' _MM_ROUND_NEAREST), kept within [-127, 127]; NaN (a non-finite activation, which the
+// forward pass reports per layer) becomes 0 instead of an undefined conversion.
+inline int RoundEven(float v) {
+  const float r = std::nearbyint(v);
+  if (r >= 127.0f) return 127;
+  if (r <= -127.0f) return -127;
+  return r == r ? static_cast<int>(r) : 0;
+}
 }  // namespace
 
 void QuantizeActRow(ActFormat f, const float* x, int64_t n, int8_t* q, float* d, int16_t* sums) {
@@ -69,7 +75,7 @@ void QuantizeActRow(ActFormat f, const float* x, int64_t n, int8_t* q, float* d,
       continue;
     }
     const float iscale = -127.0f / max;
-    for (int j = 0; j < 256; ++j) q[j] = static_cast<int8_t>(std::min(127, RoundEven(iscale * x[j])));
+    for (int j = 0; j < 256; ++j) q[j] = static_cast<int8_t>(RoundEven(iscale * x[j]));
     for (int g = 0; g < 16; ++g) {
       int sum = 0;
       for (int j = 0; j < 16; ++j) sum += q[16 * g + j];

@@ -3,14 +3,18 @@
 // of the forward pass. The data usually lies in the model file's memory mapping; nothing is
 // converted at load.
 //
-// Which kernel runs (MatMulWT below):
-//   F32                       OpenBLAS sgemv / sgemm on the floats, as before;
-//   other types, n <= DotMaxRows()  one dot product per (token, row) directly on the blocks
-//                             (DotWeights: AVX2+FMA+F16C when the CPU has them, chosen at run time,
-//                             else the scalar reference), rows split across the thread pool;
-//   other types, n > DotMaxRows()   tiles of rows dequantized into fp32 scratch, then sgemm per tile.
-// Unlike llama.cpp, the activations stay fp32 (llama.cpp quantizes them to 8 bits for its
-// quantized dot products), so results equal dequantize-then-fp32-product up to rounding order.
+// Which kernel runs (MatMulWT below; measurements and reasons in docs/architecture.md, Weights as
+// stored):
+//   q8_0, q4_0, q4_K, q5_K, q6_K, n <= 8 (ActMode::kQ8, the default): activations quantized to 8
+//                             bits and integer dot products on the blocks (ops/qdot.h: AVX-512 VNNI,
+//                             AVX2, or the scalar reference, chosen at run time), as llama.cpp does;
+//   F32 (n = 1), F16, BF16 (n <= 4), and the quantized types under ActMode::kF32: one fp32 dot
+//                             product per (token, row) on the stored values (DotWeights: AVX2+FMA+F16C
+//                             when the CPU has them, else the scalar reference);
+//   larger n:                 F32: OpenBLAS sgemm on blocks of 64 rows; other types: tiles of rows
+//                             dequantized into fp32 scratch, then sgemm per tile.
+// Output rows (dot products) and row blocks / tiles (sgemm) are the thread pool's tasks, sized by
+// the shape only, so the result has the same bits at any thread count.
 #pragma once
 
 #include <cstddef>
