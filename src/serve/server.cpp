@@ -432,7 +432,9 @@ void Server::Impl::Routes() {
     }
     Send(res, ServerError("internal error: " + what, "internal"));
   });
-  http.set_logger([this](const Request& req, const Response& res) { metrics.CountRequest(req.path, res.status); });
+  // Counted after routing and the error handler, before the response is written (httplib's logger
+  // runs after: a client that reads /metrics right after a response could miss that request).
+  http.set_post_routing_handler([this](const Request& req, Response& res) { metrics.CountRequest(req.path, res.status); });
   http.set_payload_max_length(opt.max_body);
   http.set_keep_alive_timeout(2);  // idle connections close soon, so shutdown is not held up
   http.set_read_timeout(10);
