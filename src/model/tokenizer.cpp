@@ -106,6 +106,23 @@ const std::array<uint16_t, 0x10000>& BmpFlags() {
   return *table;
 }
 
+// Simple lowercase mapping (UnicodeData field 13), as llama.cpp's unicode_tolower.
+uint32_t UnicodeToLower(uint32_t cp) {
+  const auto* it = std::lower_bound(std::begin(kUnicodeLower), std::end(kUnicodeLower), cp,
+                                    [](const uint32_t(&e)[2], uint32_t v) { return e[0] < v; });
+  return it != std::end(kUnicodeLower) && (*it)[0] == cp ? (*it)[1] : cp;
+}
+
+// The first code point of cp's canonical decomposition, or cp: llama.cpp's
+// unicode_cpts_normalize_nfd, which keeps only that one (combining marks are dropped).
+uint32_t UnicodeNfdFirst(uint32_t cp) {
+  const auto* it = std::upper_bound(std::begin(kUnicodeNfdFirst), std::end(kUnicodeNfdFirst), cp,
+                                    [](uint32_t v, const uint32_t(&e)[3]) { return v < e[0]; });
+  if (it == std::begin(kUnicodeNfdFirst)) return cp;
+  const uint32_t(&run)[3] = *(it - 1);
+  return cp <= run[1] ? run[2] : cp;
+}
+
 // ---- Pre-tokenizers (llama.cpp's llm_tokenizer_bpe regex lists, by tokenizer.ggml.pre) ----
 //
 // llama.cpp runs each vocabulary's list of regexes in turn, each one over every piece the previous
@@ -519,6 +536,8 @@ uint16_t UnicodeFlags(uint32_t cp) { return cp < 0x10000 ? BmpFlags()[cp] : Look
 struct Tokenizer::Impl {
   TokenizerData data;
   bool is_llama = true;
+  bool is_bert = false;        // WordPiece (llama.cpp's WPM): no merges, longest match per word
+  size_t max_token_len = 0;    // bert: the longest token text, in bytes
   const PreTokenizerDef* pre = nullptr;  // gpt2
   std::unordered_map<std::string_view, int32_t> token_to_id;  // views into data.tokens
   std::array<int32_t, 256> byte_token{};                      // llama byte fallback per byte
@@ -550,7 +569,69 @@ struct Tokenizer::Impl {
   std::vector<int32_t> EncodeText(const std::string& text, bool add_special,
                                   const std::vector<int32_t>& split_out) const;
   void EncodeBpeWord(std::string_view word, std::vector<int32_t>& out) const;
+  void EncodeWpm(std::string_view text, std::vector<int32_t>& out) const;
 };
+
+// ---- bert (WordPiece, as llama.cpp's llm_tokenizer_wpm) ----
+// Words: the text's code points (invalid UTF-8 as U+FFFD) mapped to the first code point of their
+// canonical decomposition and lowercased; split at White_Space, which is dropped; control
+// characters (category C), U+0000 and U+FFFD dropped; punctuation, ASCII symbols and CJK ideographs
+// each a word of their own. Each word, with "▁" (the converter's mark of a word start) in front, is
+// cut greedily into the longest vocabulary entries from the left, by bytes; a word with a byte
+// no entry covers becomes the unknown token as a whole.
+namespace {
+bool IsCjkIdeograph(uint32_t cp) {
+  return InRanges(cp, {{0x4E00, 0x9FFF}, {0x3400, 0x4DBF}, {0x20000, 0x2A6DF}, {0x2A700, 0x2B73F}, {0x2B740, 0x2B81F},
+                       {0x2B920, 0x2CEAF}, {0xF900, 0xFAFF}, {0x2F800, 0x2FA1F}});
+}
+}  // namespace
+
+void Tokenizer::Impl::EncodeWpm(std::string_view text, std::vector<int32_t>& out) const {
+  std::vector<std::string> words(1);
+  for (size_t pos = 0; pos < text.size();) {
+    const CodeUnit u = NextCodePoint(text, pos);
+    pos += u.len;
+    const uint32_t cp = UnicodeNfdFirst(u.valid ? u.cp : 0xFFFD);
+    const uint16_t flags = UnicodeFlags(cp);
+    if (flags & kUnicodeSpace) {
+      if (!words.back().empty()) words.emplace_back();
+      continue;
+    }
+    if (cp == 0 || cp == 0xFFFD || (flags & kUnicodeControl)) continue;
+    std::string s;
+    AppendUtf8(UnicodeToLower(cp), s);
+    if ((flags & kUnicodePunctuation) || (cp < 0x7F && (flags & kUnicodeSymbol)) || IsCjkIdeograph(cp)) {
+      if (!words.back().empty()) words.emplace_back();
+      words.back() = std::move(s);
+      words.emplace_back();
+    } else {
+      words.back() += s;
+    }
+  }
+  for (const std::string& word : words) {
+    if (word.empty()) continue;
+    const std::string w = std::string(kSpaceMarker) + word;
+    const size_t start = out.size();
+    const size_t n = w.size();
+    for (size_t i = 0; i < n; ++i) {
+      bool match = false;
+      for (size_t j = std::min(n, i + max_token_len + 1); j > i; --j) {
+        const int32_t id = Lookup(std::string_view(w).substr(i, j - i));
+        if (id >= 0) {
+          out.push_back(id);
+          match = true;
+          i = j - 1;
+          break;
+        }
+      }
+      if (!match) {  // discard the word's tokens so far
+        out.resize(start);
+        break;
+      }
+    }
+    if (out.size() == start && data.unk_id >= 0) out.push_back(data.unk_id);
+  }
+}
 
 // ---- llama (SentencePiece BPE by scores) ----
 void Tokenizer::Impl::EncodeSpm(const std::string& text, std::vector<int32_t>& out) const {
@@ -688,10 +769,11 @@ void Tokenizer::Impl::EncodeBpeWord(std::string_view word, std::vector<int32_t>&
 
 // ---- construction ----
 StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromData(TokenizerData data) {
-  const bool is_llama = data.model == "llama";
-  if (!is_llama && data.model != "gpt2") {
+  const bool is_llama = data.model == "llama", is_bert = data.model == "bert";
+  const bool is_gpt2 = !is_llama && !is_bert;
+  if (is_gpt2 && data.model != "gpt2") {
     return Unimplemented("tokenizer.ggml.model: unsupported tokenizer model '" + data.model +
-                         "' (supported: llama, gpt2)");
+                         "' (supported: llama, gpt2, bert)");
   }
   const size_t n = data.tokens.size();
   if (n == 0) return InvalidArgument("tokenizer.ggml.tokens: vocabulary is empty");
@@ -721,7 +803,7 @@ StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromData(TokenizerData data) {
   }
 
   const PreTokenizerDef* pre = nullptr;
-  if (!is_llama) {
+  if (is_gpt2) {
     pre = FindPreTokenizer(data.pre.empty() ? "default" : data.pre);
     if (pre == nullptr) {
       return Unimplemented("tokenizer.ggml.pre: unknown pre-tokenizer '" + Printable(data.pre) + "' (known: " +
@@ -732,6 +814,7 @@ StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromData(TokenizerData data) {
   auto impl = std::make_unique<Impl>();
   impl->data = std::move(data);
   impl->is_llama = is_llama;
+  impl->is_bert = is_bert;
   impl->pre = pre;
   const TokenizerData& d = impl->data;
   impl->token_to_id.reserve(n);
@@ -755,7 +838,9 @@ StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromData(TokenizerData data) {
   std::stable_sort(impl->special_tokens.begin(), impl->special_tokens.end(), longer);
   if (d.eos_id >= 0) impl->eog.insert(d.eos_id);
 
-  if (is_llama) {
+  if (is_bert) {
+    for (const std::string& t : d.tokens) impl->max_token_len = std::max(impl->max_token_len, t.size());
+  } else if (is_llama) {
     // Byte fallback: "<0xXX>", else the byte itself as a token (llama.cpp's byte_to_token),
     // else the unknown token.
     for (int b = 0; b < 256; ++b) {
@@ -798,10 +883,10 @@ StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromGguf(const GgufFile& gguf) {
                                                    gguf.path() + ": " + s.message()); };
   TokenizerData d;
   DK_ASSIGN_OR_RETURN(d.model, gguf.GetString("tokenizer.ggml.model"));
-  const bool is_llama = d.model == "llama";
-  if (!is_llama && d.model != "gpt2") {
+  const bool is_llama = d.model == "llama", is_bert = d.model == "bert";
+  if (!is_llama && !is_bert && d.model != "gpt2") {
     return Unimplemented(gguf.path() + ": tokenizer.ggml.model: unsupported tokenizer model '" + Printable(d.model) +
-                         "' (supported: llama, gpt2)");
+                         "' (supported: llama, gpt2, bert)");
   }
   DK_ASSIGN_OR_RETURN(d.tokens, gguf.GetStringArray("tokenizer.ggml.tokens"));
   if (d.tokens.empty()) return Corrupt(gguf.path() + ": tokenizer.ggml.tokens: vocabulary is empty");
@@ -812,7 +897,7 @@ StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromGguf(const GgufFile& gguf) {
     DK_ASSIGN_OR_RETURN(d.types, gguf.GetIntArray("tokenizer.ggml.token_type"));
   }
   bool pre_add_bos = false;  // llama.cpp: llama3 vocabularies add BOS unless the file says otherwise
-  if (!is_llama) {
+  if (!is_llama && !is_bert) {
     DK_ASSIGN_OR_RETURN(d.merges, gguf.GetStringArray("tokenizer.ggml.merges"));
     // Absent: llama.cpp's "default" pre-tokenizer (with a warning there).
     if (gguf.Find("tokenizer.ggml.pre") != nullptr) {
@@ -841,15 +926,16 @@ StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromGguf(const GgufFile& gguf) {
     *out = static_cast<int32_t>(*v);
     return Status::Ok();
   };
-  DK_RETURN_IF_ERROR(read_id("tokenizer.ggml.bos_token_id", is_llama ? 1 : -1, &d.bos_id));
-  DK_RETURN_IF_ERROR(read_id("tokenizer.ggml.eos_token_id", is_llama ? 2 : -1, &d.eos_id));
-  DK_RETURN_IF_ERROR(read_id("tokenizer.ggml.unknown_token_id", is_llama ? 0 : -1, &d.unk_id));
-  DK_RETURN_IF_ERROR(read_id("tokenizer.ggml.padding_token_id", -1, &d.pad_id));
+  // bert (llama.cpp's defaults for WPM): [CLS] 101 begins, [SEP] 102 ends (as EOS here), [UNK] 100.
+  DK_RETURN_IF_ERROR(read_id("tokenizer.ggml.bos_token_id", is_llama ? 1 : is_bert ? 101 : -1, &d.bos_id));
+  DK_RETURN_IF_ERROR(read_id("tokenizer.ggml.eos_token_id", is_llama ? 2 : is_bert ? 102 : -1, &d.eos_id));
+  DK_RETURN_IF_ERROR(read_id("tokenizer.ggml.unknown_token_id", is_llama ? 0 : is_bert ? 100 : -1, &d.unk_id));
+  DK_RETURN_IF_ERROR(read_id("tokenizer.ggml.padding_token_id", is_bert ? 0 : -1, &d.pad_id));
   int32_t eot_id = -1, eom_id = -1;
   DK_RETURN_IF_ERROR(read_id("tokenizer.ggml.eot_token_id", -1, &eot_id));
   DK_RETURN_IF_ERROR(read_id("tokenizer.ggml.eom_token_id", -1, &eom_id));
-  DK_ASSIGN_OR_RETURN(d.add_bos, gguf.GetBoolOr("tokenizer.ggml.add_bos_token", is_llama || pre_add_bos));
-  DK_ASSIGN_OR_RETURN(d.add_eos, gguf.GetBoolOr("tokenizer.ggml.add_eos_token", false));
+  DK_ASSIGN_OR_RETURN(d.add_bos, gguf.GetBoolOr("tokenizer.ggml.add_bos_token", is_llama || is_bert || pre_add_bos));
+  DK_ASSIGN_OR_RETURN(d.add_eos, gguf.GetBoolOr("tokenizer.ggml.add_eos_token", is_bert));
   DK_ASSIGN_OR_RETURN(d.add_space_prefix, gguf.GetBoolOr("tokenizer.ggml.add_space_prefix", is_llama));
 
   auto tok = FromData(std::move(d));
@@ -909,7 +995,9 @@ std::vector<int32_t> Tokenizer::Impl::EncodeText(const std::string& text, bool a
       prev_special = true;
       continue;
     }
-    if (m.is_llama) {
+    if (m.is_bert) {
+      m.EncodeWpm(std::string_view(text).substr(f.start, f.len), out);
+    } else if (m.is_llama) {
       std::string piece = (d.add_space_prefix && prev_special) ? " " : "";
       piece.append(text, f.start, f.len);
       ReplaceAll(piece, " ", kSpaceMarker);
@@ -935,7 +1023,7 @@ std::string Tokenizer::TokenToPiece(int32_t id) const {
     case TokenType::kUserDefined:
       return text;  // printed as their text, like llama.cpp's token_to_piece(special=true)
     case TokenType::kNormal: {
-      if (m.is_llama) {
+      if (m.is_llama || m.is_bert) {
         std::string piece = text;
         ReplaceAll(piece, kSpaceMarker, " ");
         return piece;
@@ -966,7 +1054,7 @@ std::string Tokenizer::TokenToPiece(int32_t id) const {
 }
 
 std::vector<std::string> Tokenizer::PreTokenize(const std::string& text) const {
-  if (impl_->is_llama) return {text};
+  if (impl_->is_llama || impl_->is_bert) return {text};
   std::vector<std::string> out;
   for (const std::string_view word : PreTokenizeWith(*impl_->pre, text)) out.emplace_back(word);
   return out;

@@ -5,6 +5,9 @@
 //    tokenizer.ggml.pre names (llama.cpp's regex list for that name, written out as scanners over
 //    code points with Unicode 15.0 category tables: gpt-2, llama3 / llama-bpe, qwen2, falcon,
 //    mpt, starcoder, refact, deepseek-coder, deepseek-llm, ...; KnownPreTokenizers() lists them).
+//  - "bert": WordPiece (llm_tokenizer_wpm): words from NFD's first code point, lowercased, split at
+//    whitespace, punctuation and CJK ideographs; each "▁"-prefixed word cut greedily into the
+//    longest vocabulary entries; [CLS] ... [SEP] as BOS/EOS by default.
 #pragma once
 
 #include <cstdint>
