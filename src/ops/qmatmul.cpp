@@ -5,8 +5,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
-#include <string>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "core/fp16.h"
