@@ -804,7 +804,16 @@ def markdown(data, args, runs, calibration, plots_rel, command, heatmap_what):
     L += ["## Plots", ""]
     for p in PLOTS + ([TRAINING_PLOT] if runs else []):
         L += [f"![{p}]({plots_rel}/{p}.png)", "", f"*{caps[p]}*", ""]
-    L += [f"Regenerate: `{command}`", ""]
+    rankmap = os.path.join(args.results, "rankmap", "output.txt")
+    if os.path.exists(rankmap):  # scripts/results.py's rank map step (dynakv rankmap's summary)
+        with open(rankmap) as f:
+            summary = f.read().strip()
+        L += ["## Rank map", "",
+              "[rankmap.html](rankmap.html) (open it in a browser; no network needed) colours a paragraph of "
+              "valid.txt by the ranks the router trained at 0.25 gives each token, per layer or averaged, "
+              "with a histogram of ranks per layer. Its summary (`dynakv rankmap`):", "", "```", summary, "```", ""]
+    L += [f"Regenerate: `{command}` (the whole page and every result behind it: `scripts/results.py --threads 2`; "
+          "finished steps are skipped, `--force` reruns them)", ""]
     return "\n".join(L)
 
 
