@@ -69,7 +69,18 @@ def run_bench(models, ctx, threads, reps, out, busy=0, min_time=None):
         for p in loops:
             p.kill()
             p.wait()
+    relative_paths(out)
     return parse_bench(out), cmd
+
+
+def relative_paths(path):
+    """Google Benchmark records the executable's absolute path: keep results free of machine paths."""
+    with open(path) as f:
+        data = json.load(f)
+    exe = data.get("context", {}).get("executable", "")
+    if exe.startswith(ROOT + os.sep):
+        data["context"]["executable"] = os.path.relpath(exe, ROOT)
+        atomic_write(path, json.dumps(data, indent=2) + "\n")
 
 
 def parse_bench(path):
