@@ -139,9 +139,18 @@ TEST_P(VocabTest, EveryCaseMatchesLlamaCppIds) {
 // Decoding the ids gives the text back (byte-level BPE is lossless; SentencePiece adds its "▁").
 TEST_P(VocabTest, DecodeGivesTheTextBack) {
   const std::string name = GetParam().name;
-  if (std::string(GetParam().model) == "bert") GTEST_SKIP() << "WordPiece is lossy: see BertVocab.*";
   auto tok = LoadVocab(name);
   ASSERT_NE(tok, nullptr);
+  if (std::string(GetParam().model) == "bert") {
+    // WordPiece is lossy (BertVocab.* checks the normalized words); what it decodes is already
+    // normalized, so encoding that again gives the same ids (cases without [UNK]).
+    for (const std::string& text : ReadCases(name)) {
+      const std::vector<int32_t> ids = tok->Encode(text, false);
+      if (std::find(ids.begin(), ids.end(), 100) != ids.end()) continue;  // [UNK]
+      EXPECT_EQ(tok->Encode(tok->Decode(ids), false), ids) << "vocab " << name << ", text " << Escape(text);
+    }
+    return;
+  }
   const bool spm = std::string(GetParam().model) == "llama";
   const auto cases = ReadCases(name);
   for (size_t i = 0; i < cases.size(); ++i) {
