@@ -234,6 +234,7 @@ const char* QdotIsaName(QdotIsa isa) {
 bool CpuHasQdotIsa(QdotIsa isa) {
 #if DK_QDOT_X86
   static const bool avx2 = [] {
+    // F16C through CPUID leaf 1 (ECX bit 29): clang's __builtin_cpu_supports does not know "f16c".
     unsigned a = 0, b = 0, c = 0, d = 0;
     const bool f16c = __get_cpuid(1, &a, &b, &c, &d) != 0 && (c & (1u << 29)) != 0;
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c;

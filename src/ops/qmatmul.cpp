@@ -14,7 +14,6 @@
 #include "ops/qdot.h"
 
 #if defined(__x86_64__) || defined(__i386__)
-#include <cpuid.h>
 #include <immintrin.h>
 #define DK_X86 1
 #define DK_AVX2_FN __attribute__((target("avx2,fma,f16c")))
@@ -416,15 +415,8 @@ float DotWeights(WeightType type, const uint8_t* w, const float* x, int64_t n) {
 
 }  // namespace avx2
 
-bool DotWeightsUsesAvx2() {
-  // F16C through CPUID leaf 1 (ECX bit 29): clang's __builtin_cpu_supports does not know "f16c".
-  static const bool yes = [] {
-    unsigned a = 0, b = 0, c = 0, d = 0;
-    const bool f16c = __get_cpuid(1, &a, &b, &c, &d) != 0 && (c & (1u << 29)) != 0;
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c;
-  }();
-  return yes;
-}
+// The same CPU features as the 8-bit kernels' AVX2 version (ops/qdot.cpp checks them once).
+bool DotWeightsUsesAvx2() { return CpuHasQdotIsa(QdotIsa::kAvx2); }
 
 float DotWeights(WeightType type, const uint8_t* w, const float* x, int64_t n) {
   return DotWeightsUsesAvx2() ? avx2::DotWeights(type, w, x, n) : scalar::DotWeights(type, w, x, n);
