@@ -11,6 +11,8 @@
 
 #include "core/threads.h"
 #include "eval/evaluate.h"
+#include "eval/perplexity.h"
+#include "kv/registry.h"
 #include "kv/profile.h"
 #include "test_util.h"
 
@@ -198,6 +200,48 @@ TEST_F(EvalRunTest, LayoutSkipIfDoneAndForce) {
   EXPECT_EQ(ReadJson(dir + "/runs/uniform@0.5/passkey.json"), passkey_before);
   ASSERT_TRUE(RunEvaluation(*model_, spec, root_, true, pool).ok());
   EXPECT_NE(ReadJson(dir + "/runs/uniform@0.5/perplexity.json")["seconds"], before["seconds"]);
+}
+
+// A long-context protocol: n_prompt tokens of each chunk compressed, the rest scored; and the
+// reference's logits kept once and reused give the very same KL as computing them again.
+TEST_F(EvalRunTest, PerplexityPromptSplitAndStoredReferenceLogits) {
+  ThreadPool pool(2);
+  const auto tokens = model_->tokenizer().Encode(test::ReadText(test::DataPath("valid.txt")).substr(0, 20000), true);
+  KvConfig snap;
+  snap.method = "full";
+  snap.evict = "snapkv";
+  snap.Set("--evict-keep", "0.5");
+  const KvModelInfo info{model_->config().kv_shape(), 0, ""};
+  auto run = [&](int n_prompt, ReferenceLogits* stored) {
+    auto cache = CreateKvCache(snap, info, 128);
+    auto reference = CreateKvCache(KvConfig{}, info, 128);
+    EXPECT_TRUE(cache.ok() && reference.ok());
+    PerplexityOptions o{128, 128, 3, true, 8, n_prompt};
+    auto r = ComputePerplexity(*model_, tokens, **cache, reference->get(), o, pool, nullptr, stored);
+    EXPECT_TRUE(r.ok()) << r.status().ToString();
+    return *r;
+  };
+  const PerplexityResult half = run(0, nullptr), long_prompt = run(96, nullptr);
+  EXPECT_EQ(half.n_scored, 3 * (128 - 64 - 1));
+  EXPECT_EQ(long_prompt.n_scored, 3 * (128 - 96 - 1));
+  EXPECT_NE(half.kl_mean, long_prompt.kl_mean);
+  ReferenceLogits stored;
+  const PerplexityResult first = run(96, &stored);
+  ASSERT_EQ(stored.chunks.size(), 3u);
+  EXPECT_EQ(stored.chunks[0].size(), static_cast<size_t>(31) * model_->config().n_vocab);
+  // The second run takes every reference row from the store.
+  const PerplexityResult second = run(96, &stored);
+  EXPECT_EQ(first.kl_mean, long_prompt.kl_mean);
+  EXPECT_EQ(second.kl_mean, long_prompt.kl_mean);
+  EXPECT_EQ(second.same_top1, long_prompt.same_top1);
+  // Another split starts the store anew.
+  const PerplexityResult again_half = run(0, &stored);
+  EXPECT_EQ(stored.n_prompt, 64);
+  EXPECT_EQ(again_half.kl_mean, half.kl_mean);
+  PerplexityOptions bad{128, 128, 3, true, 8, 127};
+  auto cache = CreateKvCache(KvConfig{}, info, 128);
+  EXPECT_THAT(ComputePerplexity(*model_, tokens, **cache, nullptr, bad, pool).status().ToString(),
+              HasSubstr("prompt part"));
 }
 
 TEST_F(EvalRunTest, CommandLine) {

@@ -306,6 +306,117 @@ TEST(PasskeyRetrieval, V2ModelRetrievesWithTheFullCache) {
   EXPECT_EQ(s.by_depth.size(), 5u);
 }
 
+// Plain text with lower-case words (the keys task's word keys and the records' names come from it).
+std::string WordyText(int n) {
+  const char* words[] = {"harbor", "candle", "meadow", "silver", "lantern", "orchard", "pebble", "willow",
+                         "granite", "thistle", "the", "and", "of", "Stone", "x1"};
+  std::string s;
+  for (int i = 0; i < n; ++i) {
+    // Every third word a made-up one ("kab", "kac", ...): enough distinct names for 60 records.
+    std::string w = words[i % 15];
+    if (i % 3 == 2) w = std::string("k") + static_cast<char>('a' + i / 26 % 26) + static_cast<char>('a' + i % 26);
+    s += w + (i % 7 == 0 ? "\n" : " ");
+  }
+  return s;
+}
+
+int Count(const std::string& s, const std::string& what) {
+  int n = 0;
+  for (size_t p = 0; (p = s.find(what, p)) != std::string::npos; p += what.size()) ++n;
+  return n;
+}
+
+TEST(Retrieval, KeysCasesHoldTheKeyAndTheirDistractorsUnderOtherPhrases) {
+  PasskeyOptions o = DefaultRetrievalOptions("keys");
+  o.lengths = {60, 200};
+  o.per_cell = 4;
+  auto cases = MakePasskeyCases(WordyText(3000), o);
+  ASSERT_TRUE(cases.ok()) << cases.status().ToString();
+  ASSERT_EQ(cases->size(), 2u * 5u * 4u);
+  int words = 0, seen[3] = {0, 0, 0};
+  for (const PasskeyCase& c : *cases) {
+    SCOPED_TRACE(c.prompt);
+    ASSERT_GE(c.distractors, 0);
+    ASSERT_LE(c.distractors, 2);
+    ++seen[c.distractors];
+    // The key sentence once, the question at the end, one more key sentence per distractor, each
+    // under a number phrase other than the asked one.
+    EXPECT_EQ(Count(c.prompt, PasskeySentence(c.phrase, c.key)), 1);
+    EXPECT_TRUE(c.prompt.ends_with(" What is the " + c.phrase + "? The " + c.phrase + " is"));
+    EXPECT_EQ(Count(c.prompt, ". Remember it."), 1 + c.distractors);
+    EXPECT_EQ(Count(c.prompt, "The " + c.phrase + " is"), 2);  // its sentence and the question
+    if (c.phrase == "secret word") {
+      ++words;
+      EXPECT_FALSE(c.key.empty());
+      for (char ch : c.key) EXPECT_TRUE(ch >= 'a' && ch <= 'z');
+      EXPECT_TRUE(PasskeyCorrect(" " + c.key + ".", c.key));
+      EXPECT_FALSE(PasskeyCorrect(" " + c.key + "s.", c.key));
+    } else {
+      EXPECT_EQ(c.key.size(), 5u);
+    }
+  }
+  EXPECT_EQ(words, 8);  // five phrases in turn: every fifth case
+  for (int d : seen) EXPECT_GT(d, 0) << "0, 1 and 2 distractors all drawn";
+  o.max_distractors = 0;
+  auto none = MakePasskeyCases(WordyText(3000), o);
+  ASSERT_TRUE(none.ok());
+  for (const PasskeyCase& c : *none) EXPECT_EQ(Count(c.prompt, ". Remember it."), 1);
+}
+
+TEST(Retrieval, RecordsCasesAskTheRecordAtTheDepth) {
+  PasskeyOptions o = DefaultRetrievalOptions("records");
+  o.lengths = {40, 100};
+  o.depths = {0.0, 0.5, 1.0};
+  o.per_cell = 3;
+  auto cases = MakePasskeyCases(WordyText(3000), o);
+  ASSERT_TRUE(cases.ok()) << cases.status().ToString();
+  ASSERT_EQ(cases->size(), 18u);
+  for (const PasskeyCase& c : *cases) {
+    SCOPED_TRACE(c.prompt);
+    const size_t at = c.prompt.find("Records: ");
+    ASSERT_NE(at, std::string::npos);
+    const size_t end = c.prompt.find(". The number for ", at);
+    ASSERT_NE(end, std::string::npos);
+    // The haystack's words come first, then the block, then the question.
+    EXPECT_EQ(static_cast<int>(SplitWords(c.prompt.substr(0, at)).size()), c.length);
+    std::vector<std::pair<std::string, std::string>> records;
+    std::string block = c.prompt.substr(at + 9, end - at - 9);
+    for (size_t p = 0; p <= block.size();) {
+      size_t q = block.find("; ", p);
+      if (q == std::string::npos) q = block.size();
+      const std::vector<std::string> kv = SplitWords(block.substr(p, q - p));
+      ASSERT_EQ(kv.size(), 2u);
+      records.emplace_back(kv[0], kv[1]);
+      p = q + 2;
+    }
+    EXPECT_EQ(static_cast<int>(records.size()), c.distractors);
+    EXPECT_GE(c.distractors, 20);
+    EXPECT_LE(c.distractors, 60);
+    const size_t asked = static_cast<size_t>(std::lround(c.depth * (records.size() - 1)));
+    EXPECT_EQ(records[asked].second, c.key);
+    EXPECT_TRUE(c.prompt.ends_with(" The number for " + records[asked].first + " is"));
+    for (size_t k = 0; k < records.size(); ++k)
+      for (size_t j = k + 1; j < records.size(); ++j) EXPECT_NE(records[k].first, records[j].first);
+  }
+}
+
+TEST(Retrieval, BadRetrievalOptionsAreRefused) {
+  PasskeyOptions o = DefaultRetrievalOptions("keys");
+  o.task = "needles";
+  EXPECT_THAT(ValidatePasskeyOptions(o).ToString(), HasSubstr("--task"));
+  o = DefaultRetrievalOptions("keys");
+  o.max_distractors = 17;
+  EXPECT_THAT(ValidatePasskeyOptions(o).ToString(), HasSubstr("--distractors"));
+  o = DefaultRetrievalOptions("records");
+  o.records_min = 30;
+  o.records_max = 20;
+  EXPECT_THAT(ValidatePasskeyOptions(o).ToString(), HasSubstr("records"));
+  // Too few distinct words for the records' names.
+  o = DefaultRetrievalOptions("records");
+  o.lengths = {10};
+  EXPECT_THAT(MakePasskeyCases(NumberedText(100), o).status().ToString(), HasSubstr("too few"));
+}
+
 TEST(PasskeyRetrieval, CaseLongerThanTheCacheIsAnErrorNamingIt) {
   auto model = LoadModel();
   ASSERT_NE(model, nullptr);

@@ -125,7 +125,8 @@ TEST_P(LlamaVocabTest, ReproducesGreedyOutputPrefix) {
   EXPECT_EQ(tok->Decode(ids), output);
 }
 
-INSTANTIATE_TEST_SUITE_P(Models, LlamaVocabTest, ::testing::Values("stories260K", "brown-kjv-llama-6M-f32"),
+INSTANTIATE_TEST_SUITE_P(Models, LlamaVocabTest,
+                         ::testing::Values("stories260K", "brown-kjv-llama-6M-f32", "eval-llama-27M-v3-f16"),
                          [](const auto& p) {
                            std::string s = p.param;
                            for (char& c : s) {

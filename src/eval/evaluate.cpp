@@ -129,32 +129,53 @@ KvModelInfo InfoOf(const Model& model, const EvalSpec& spec) {
 }
 
 StatusOr<json> Perplexity(const Model& model, const EvalSpec& spec, const EvalRun& run,
-                          const std::vector<int32_t>& tokens, ThreadPool& pool) {
+                          const std::vector<int32_t>& tokens, ThreadPool& pool,
+                          ReferenceLogits* stored) {
   std::unique_ptr<KvCache> cache, reference;
   DK_ASSIGN_OR_RETURN(cache, CreateKvCache(run.config, InfoOf(model, spec), spec.ppl_ctx));
   DK_ASSIGN_OR_RETURN(reference, CreateKvCache(KvConfig{}, InfoOf(model, spec), spec.ppl_ctx));
-  PerplexityOptions opt{spec.ppl_ctx, spec.ppl_ctx, spec.ppl_chunks, true, spec.decode_batch};
+  PerplexityOptions opt{spec.ppl_ctx, spec.ppl_ctx, spec.ppl_chunks, true, spec.decode_batch, spec.ppl_prompt};
   PerplexityResult r;
-  DK_ASSIGN_OR_RETURN(r, ComputePerplexity(model, tokens, *cache, reference.get(), opt, pool));
+  DK_ASSIGN_OR_RETURN(r, ComputePerplexity(model, tokens, *cache, reference.get(), opt, pool, nullptr, stored));
   return json{{"ppl", r.ppl}, {"ppl_err", r.ppl_err}, {"kl", r.kl_mean}, {"kl_err", r.kl_err},
               {"top1", r.same_top1}, {"kv_fraction", r.kv_fraction}, {"kv_fraction_prompt", r.kv_fraction_prompt},
               {"bytes_per_token", r.kv_bytes_per_token}, {"tokens_per_s", r.n_chunks * spec.ppl_ctx / r.seconds},
               {"chunks", r.n_chunks}, {"scored", r.n_scored}, {"cache", cache->name()}};
 }
 
-StatusOr<json> Passkey(const Model& model, const EvalSpec& spec, const EvalRun& run,
-                       const std::vector<PasskeyCase>& cases, ThreadPool& pool) {
+// A retrieval task (passkey, keys or records) over its cases. "cases" rows: [length, depth,
+// correct, kv_fraction, prompt tokens, distractors (keys) or records (records)].
+StatusOr<json> Retrieval(const Model& model, const EvalSpec& spec, const EvalRun& run, const PasskeyOptions& options,
+                         const std::vector<PasskeyCase>& cases, ThreadPool& pool) {
   std::unique_ptr<KvCache> cache;
   DK_ASSIGN_OR_RETURN(cache, CreateKvCache(run.config, InfoOf(model, spec), model.config().n_ctx_train));
   std::vector<PasskeyResult> results;
-  DK_ASSIGN_OR_RETURN(results, RunPasskey(model, cases, spec.passkey.n_predict, *cache, pool));
+  DK_ASSIGN_OR_RETURN(results, RunPasskey(model, cases, options.n_predict, *cache, pool));
   const PasskeySummary s = SummarizePasskey(results);
-  json by_length = json::object(), by_depth = json::object(), grid = json::array();
-  for (const PasskeyBucket& b : s.by_length) by_length[std::to_string(static_cast<int>(b.value))] = b.accuracy();
-  for (const PasskeyBucket& b : s.by_depth) by_depth[Num(b.value)] = b.accuracy();
-  for (const PasskeyResult& r : results) grid.push_back({r.length, r.depth, r.correct ? 1 : 0, r.kv_fraction});
-  return json{{"accuracy", s.accuracy}, {"correct", s.correct}, {"n", s.n}, {"kv_fraction", s.mean_kv_fraction},
-              {"by_length", by_length}, {"by_depth", by_depth}, {"cases", grid}, {"cache", cache->name()}};
+  auto buckets = [](const std::vector<PasskeyBucket>& v, bool integral) {
+    json o = json::object();
+    for (const PasskeyBucket& b : v) o[integral ? std::to_string(static_cast<int64_t>(b.value)) : Num(b.value)] = b.accuracy();
+    return o;
+  };
+  json grid = json::array(), by_phrase = json::object();
+  std::map<std::string, std::pair<int, int>> phrases;
+  for (const PasskeyResult& r : results) {
+    grid.push_back({r.length, r.depth, r.correct ? 1 : 0, r.kv_fraction, r.n_prompt, r.distractors});
+    auto& [n, ok] = phrases[r.phrase];
+    ++n;
+    ok += r.correct;
+  }
+  for (const auto& [phrase, c] : phrases) by_phrase[phrase] = static_cast<double>(c.second) / c.first;
+  json out = {{"accuracy", s.accuracy}, {"correct", s.correct}, {"n", s.n}, {"kv_fraction", s.mean_kv_fraction},
+              {"by_length", buckets(s.by_length, true)}, {"by_depth", buckets(s.by_depth, false)},
+              {"by_tokens", buckets(s.by_tokens, true)}, {"cases", grid}, {"cache", cache->name()},
+              {"prompt_tokens", s.n_prompt_tokens}};
+  if (options.task == "keys") {
+    out["by_distractors"] = buckets(s.by_distractors, true);
+    out["by_phrase"] = by_phrase;
+  }
+  if (options.task == "records") out["by_records"] = buckets(s.by_distractors, true);
+  return out;
 }
 
 // Prefill `ctx` tokens (the text, cycled) in batches of 512, end the prompt, decode greedily.
@@ -233,13 +254,20 @@ StatusOr<EvalSpec> EvalSpecFromJson(const json& j) {
     s.ppl_ctx = j.value("ppl_ctx", s.ppl_ctx);
     s.ppl_chunks = j.value("ppl_chunks", s.ppl_chunks);
     s.decode_batch = j.value("decode_batch", s.decode_batch);
-    if (j.contains("passkey")) {
-      const json& p = j["passkey"];
-      if (p.contains("lengths")) s.passkey.lengths = p["lengths"].get<std::vector<int>>();
-      if (p.contains("depths")) s.passkey.depths = p["depths"].get<std::vector<double>>();
-      s.passkey.per_cell = p.value("per_cell", s.passkey.per_cell);
-      s.passkey.seed = p.value("seed", s.passkey.seed);
-      s.passkey.n_predict = p.value("n_predict", s.passkey.n_predict);
+    s.ppl_prompt = j.value("ppl_prompt", s.ppl_prompt);
+    for (auto [key, o] : {std::pair{"passkey", &s.passkey}, std::pair{"keys", &s.keys}, std::pair{"records", &s.records}}) {
+      if (!j.contains(key)) continue;
+      const json& p = j[key];
+      if (p.contains("lengths")) o->lengths = p["lengths"].get<std::vector<int>>();
+      if (p.contains("depths")) o->depths = p["depths"].get<std::vector<double>>();
+      o->per_cell = p.value("per_cell", o->per_cell);
+      o->seed = p.value("seed", o->seed);
+      o->n_predict = p.value("n_predict", o->n_predict);
+      if (p.contains("phrases")) o->phrases = p["phrases"].get<std::vector<std::string>>();
+      if (p.contains("word_phrases")) o->word_phrases = p["word_phrases"].get<std::vector<std::string>>();
+      o->max_distractors = p.value("max_distractors", o->max_distractors);
+      o->records_min = p.value("records_min", o->records_min);
+      o->records_max = p.value("records_max", o->records_max);
     }
     if (j.contains("speed_ctx")) s.speed_ctx = j["speed_ctx"].get<std::vector<int>>();
     if (j.contains("speed_fractions")) s.speed_fractions = j["speed_fractions"].get<std::vector<double>>();
@@ -271,17 +299,33 @@ StatusOr<EvalSpec> EvalSpecFromJson(const json& j) {
   if (s.model.empty() || s.text.empty()) return InvalidArgument("evaluation config: 'model' and 'text' are required");
   if (s.methods.empty()) return InvalidArgument("evaluation config: no methods");
   for (const std::string& t : s.tasks)
-    if (t != "perplexity" && t != "passkey" && t != "speed")
-      return InvalidArgument("--tasks: unknown task '" + t + "' (perplexity, passkey, speed)");
+    if (t != "perplexity" && t != "passkey" && t != "keys" && t != "records" && t != "speed")
+      return InvalidArgument("--tasks: unknown task '" + t + "' (perplexity, passkey, keys, records, speed)");
   for (double f : s.fractions)
     if (!(f > 0.0 && f <= 1.0)) return InvalidArgument("--fractions: " + Num(f) + " is not in (0, 1]");
   if (s.ppl_ctx < 4 || s.ppl_chunks < 1 || s.decode_batch < 1 || s.speed_decode < 1)
     return InvalidArgument("evaluation config: ppl_ctx, ppl_chunks, decode_batch and speed_decode must be positive");
   for (int c : s.speed_ctx)
     if (c < 1 || c > (1 << 22)) return InvalidArgument("--speed-ctx: " + std::to_string(c) + " is out of range");
-  DK_RETURN_IF_ERROR(ValidatePasskeyOptions(s.passkey));
+  if (s.ppl_prompt < 0 || s.ppl_prompt > s.ppl_ctx - 2)
+    return InvalidArgument("--ppl-prompt: must be in [1, " + std::to_string(s.ppl_ctx - 2) + "] (or 0 for half of -c), found " +
+                           std::to_string(s.ppl_prompt));
+  DK_RETURN_IF_ERROR(ValidatePasskeyOptions(s.passkey).WithContext("passkey"));
+  DK_RETURN_IF_ERROR(ValidatePasskeyOptions(s.keys).WithContext("keys"));
+  DK_RETURN_IF_ERROR(ValidatePasskeyOptions(s.records).WithContext("records"));
   return s;
 }
+
+namespace {
+json RetrievalJson(const PasskeyOptions& o) {
+  json j = {{"lengths", o.lengths}, {"depths", o.depths}, {"per_cell", o.per_cell}, {"seed", o.seed},
+            {"n_predict", o.n_predict}};
+  if (o.task == "keys")
+    j.update({{"phrases", o.phrases}, {"word_phrases", o.word_phrases}, {"max_distractors", o.max_distractors}});
+  if (o.task == "records") j.update({{"records_min", o.records_min}, {"records_max", o.records_max}});
+  return j;
+}
+}  // namespace
 
 json EvalSpecToJson(const EvalSpec& s) {
   json methods = json::array();
@@ -295,6 +339,7 @@ json EvalSpecToJson(const EvalSpec& s) {
               {"passkey", {{"lengths", s.passkey.lengths}, {"depths", s.passkey.depths},
                            {"per_cell", s.passkey.per_cell}, {"seed", s.passkey.seed},
                            {"n_predict", s.passkey.n_predict}}},
+              {"keys", RetrievalJson(s.keys)}, {"records", RetrievalJson(s.records)}, {"ppl_prompt", s.ppl_prompt},
               {"speed_ctx", s.speed_ctx}, {"speed_fractions", s.speed_fractions},
               {"speed_methods", s.speed_methods}, {"speed_decode", s.speed_decode}};
 }
@@ -347,11 +392,17 @@ StatusOr<json> RunEvaluation(const Model& model, const EvalSpec& spec, const std
   DK_ASSIGN_OR_RETURN(text, ReadWholeFile(spec.text));
   const std::vector<int32_t> tokens = model.tokenizer().Encode(text, true);
   auto wants = [&](const char* task) { return std::find(spec.tasks.begin(), spec.tasks.end(), task) != spec.tasks.end(); };
-  std::vector<PasskeyCase> cases;
-  if (wants("passkey")) {
-    DK_ASSIGN_OR_RETURN(cases, MakePasskeyCases(text, spec.passkey, &model.tokenizer(),
-                                                model.config().n_ctx_train - spec.passkey.n_predict + 1));
+  // Every retrieval task's cases, made once for all runs.
+  std::map<std::string, std::vector<PasskeyCase>> cases;
+  auto options = [&](const std::string& task) -> const PasskeyOptions& {
+    return task == "keys" ? spec.keys : task == "records" ? spec.records : spec.passkey;
+  };
+  for (const char* task : {"passkey", "keys", "records"}) {
+    if (!wants(task)) continue;
+    DK_ASSIGN_OR_RETURN(cases[task], MakePasskeyCases(text, options(task), &model.tokenizer(),
+                                                      model.config().n_ctx_train - options(task).n_predict + 1));
   }
+  ReferenceLogits reference;  // the full cache's logits, shared by every run's perplexity
   // Speed is measured for the chosen methods, at the chosen fractions (fixed-size methods always).
   auto timed = [&](const EvalRun& r) {
     const bool method = spec.speed_methods.empty() ||
@@ -376,16 +427,17 @@ StatusOr<json> RunEvaluation(const Model& model, const EvalSpec& spec, const std
       config["model"] = spec.model;
       config["text"] = spec.text;
       if (task == "perplexity") config["settings"] = {all["ppl_ctx"], all["ppl_chunks"], all["decode_batch"]};
-      if (task == "passkey") config["settings"] = all["passkey"];
+      if (task == "perplexity" && spec.ppl_prompt > 0) config["settings"].push_back(spec.ppl_prompt);
+      if (task == "passkey" || task == "keys" || task == "records") config["settings"] = all[task];
       if (task == "speed") config["settings"] = {all["speed_ctx"], all["speed_decode"]};
       const std::string file = run_dir + "/" + task + ".json";
       if (progress) progress(done, total, r.folder + " " + task);
       json result = force ? json(nullptr) : Reusable(file, config);
       if (result.is_null()) {
         const auto t0 = std::chrono::steady_clock::now();
-        StatusOr<json> out = task == "perplexity" ? Perplexity(model, spec, r, tokens, pool)
-                             : task == "passkey"  ? Passkey(model, spec, r, cases, pool)
-                                                  : Speed(model, spec, r, tokens, pool);
+        StatusOr<json> out = task == "perplexity" ? Perplexity(model, spec, r, tokens, pool, &reference)
+                             : task == "speed"    ? Speed(model, spec, r, tokens, pool)
+                                                  : Retrieval(model, spec, r, options(task), cases[task], pool);
         if (!out.ok()) return out.status().WithContext(r.folder + " " + task);
         result = {{"config", config}, {"result", *out},
                   {"seconds", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()}};

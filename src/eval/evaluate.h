@@ -7,6 +7,8 @@
 //               prompt, compressed when it ends; the scored half decoded in small batches), plus KL
 //               from the full cache and top-1 agreement;
 //   passkey     greedy retrieval of a key hidden in haystacks of the text (eval/passkey.h);
+//   keys        the same among distractor keys, with number and word keys, up to the model's context;
+//   records     a number looked up among 20-60 records hidden in a haystack;
 //   speed       prefill and decode tokens/s and the resident KV bytes at context lengths up to 32k.
 // Results go to <root>/<spec name>/: config.json (the spec, paths as given: relative ones stay
 // relative), runs/<run>/<task>.json (each with the run's configuration), summary.json (every row).
@@ -51,7 +53,10 @@ struct EvalSpec {
   std::vector<EvalMethod> methods;
   std::vector<std::string> tasks = {"perplexity", "passkey", "speed"};
   int ppl_ctx = 512, ppl_chunks = 100, decode_batch = 16;
+  int ppl_prompt = 0;             // tokens of each chunk compressed as the prompt (0: half), the rest scored
   PasskeyOptions passkey;         // lengths, depths, per_cell, seed, n_predict
+  PasskeyOptions keys = DefaultRetrievalOptions("keys");
+  PasskeyOptions records = DefaultRetrievalOptions("records");
   std::vector<int> speed_ctx = {1024, 4096, 16384, 32768};
   std::vector<double> speed_fractions = {0.25};
   std::vector<std::string> speed_methods;  // methods timed (empty: all)

@@ -15,6 +15,29 @@ namespace {
 
 bool IsSpace(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f'; }
 bool IsDigit(char c) { return c >= '0' && c <= '9'; }
+bool IsLetter(char c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z'); }
+bool IsLowerWord(const std::string& w) {
+  if (w.size() < 3 || w.size() > 8) return false;
+  for (char c : w)
+    if (c < 'a' || c > 'z') return false;
+  return true;
+}
+
+// Candidate key words and record names: the text's lower-case words of 3-8 letters, each once,
+// in sorted order (deterministic for a text), less the words of the phrases.
+std::vector<std::string> WordPool(const std::vector<std::string>& words, const PasskeyOptions& o) {
+  std::vector<std::string> pool;
+  for (const std::string& w : words)
+    if (IsLowerWord(w)) pool.push_back(w);
+  std::sort(pool.begin(), pool.end());
+  pool.erase(std::unique(pool.begin(), pool.end()), pool.end());
+  std::vector<std::string> banned = {"records", "number", "remember"};
+  for (const auto* list : {&o.phrases, &o.word_phrases})
+    for (const std::string& p : *list)
+      for (const std::string& w : SplitWords(p)) banned.push_back(w);
+  std::erase_if(pool, [&](const std::string& w) { return std::count(banned.begin(), banned.end(), w) > 0; });
+  return pool;
+}
 
 std::string FormatDouble(double x) {
   std::string s = std::to_string(x);
@@ -50,7 +73,25 @@ std::vector<PasskeyBucket> Buckets(const std::map<double, PasskeyBucket>& m) {
 
 }  // namespace
 
+PasskeyOptions DefaultRetrievalOptions(const std::string& task) {
+  PasskeyOptions o;
+  o.task = task;
+  if (task == "keys" || task == "records") {
+    // Haystacks up to about 3.6k tokens of v3's held-out text (about 2.85 tokens per word), key or
+    // record block at five depths; 4 x 5 x 3 = 60 cases.
+    o.lengths = {200, 500, 900, 1250};
+    o.per_cell = 3;
+  }
+  if (task == "records") {
+    o.n_predict = 6;                    // " 1234." is at most 6 tokens
+    o.lengths = {100, 400, 800, 1100};  // and a block of up to 60 records, about 500 tokens
+  }
+  return o;
+}
+
 Status ValidatePasskeyOptions(const PasskeyOptions& o) {
+  if (o.task != "passkey" && o.task != "keys" && o.task != "records")
+    return InvalidArgument("--task: unknown retrieval task '" + o.task + "' (passkey, keys, records)");
   if (o.lengths.empty()) return InvalidArgument("--lengths: the list is empty");
   for (int l : o.lengths)
     if (l < 1) return InvalidArgument("--lengths: lengths are words and must be positive, found " + std::to_string(l));
@@ -62,6 +103,15 @@ Status ValidatePasskeyOptions(const PasskeyOptions& o) {
   if (o.phrases.empty()) return InvalidArgument("phrases: the list is empty");
   for (const std::string& p : o.phrases)
     if (p.empty()) return InvalidArgument("phrases: a phrase is empty");
+  for (const std::string& p : o.word_phrases)
+    if (p.empty()) return InvalidArgument("word_phrases: a phrase is empty");
+  if (o.max_distractors < 0 || o.max_distractors > 16)
+    return InvalidArgument("--distractors: must be in [0, 16], found " + std::to_string(o.max_distractors));
+  if (o.task == "keys" && o.max_distractors > 0 && o.phrases.size() < 2)
+    return InvalidArgument("--distractors: distractor keys need at least two number phrases");
+  if (o.records_min < 1 || o.records_max < o.records_min || o.records_max > 1000)
+    return InvalidArgument("records: the records per block must satisfy 1 <= min <= max <= 1000, found " +
+                           std::to_string(o.records_min) + ".." + std::to_string(o.records_max));
   return Status::Ok();
 }
 
@@ -91,6 +141,20 @@ StatusOr<std::vector<PasskeyCase>> MakePasskeyCases(const std::string& text, con
     return InvalidArgument("the text has " + std::to_string(words.size()) +
                            " words, fewer than the longest of --lengths (" + std::to_string(longest) + ")");
   }
+  const bool keys = o.task == "keys", records = o.task == "records";
+  std::vector<std::string> pool;
+  if (keys || records) {
+    pool = WordPool(words, o);
+    const size_t need = records ? static_cast<size_t>(o.records_max) : 1;
+    if (pool.size() < std::max<size_t>(need, 2))
+      return InvalidArgument("the text has " + std::to_string(pool.size()) +
+                             " distinct lower-case words of 3-8 letters, too few for the " + o.task + " task");
+  }
+  // keys: number phrases and word phrases in turn.
+  std::vector<std::pair<std::string, bool>> turn;  // (phrase, word key)
+  for (const std::string& p : o.phrases) turn.emplace_back(p, false);
+  if (keys)
+    for (const std::string& p : o.word_phrases) turn.emplace_back(p, true);
   constexpr int kMaxDraws = 100;
   std::mt19937_64 seeds(o.seed);
   std::vector<PasskeyCase> cases;
@@ -101,20 +165,72 @@ StatusOr<std::vector<PasskeyCase>> MakePasskeyCases(const std::string& text, con
         PasskeyCase c;
         c.length = length;
         c.depth = depth;
-        // Phrases in turn rather than drawn, so every phrase gets its share of each length.
-        c.phrase = o.phrases[cases.size() % o.phrases.size()];
         c.key_word = static_cast<int>(std::lround(depth * length));
         // The case's own generator: redrawing its window leaves every other case as it was.
         std::mt19937_64 rng(seeds());
-        c.key = std::to_string(10000 + Below(rng, 90000));
+        // What goes into the haystack: (word position, text), inserted in position order.
+        std::vector<std::pair<int, std::string>> inserts;
+        std::string question;
+        if (records) {
+          c.phrase = "records";
+          c.distractors = o.records_min + static_cast<int>(Below(rng, o.records_max - o.records_min + 1));
+          std::vector<std::string> names;
+          while (static_cast<int>(names.size()) < c.distractors) {
+            const std::string& w = pool[Below(rng, pool.size())];
+            if (std::find(names.begin(), names.end(), w) == names.end()) names.push_back(w);
+          }
+          std::string block = "Records:";
+          std::vector<std::string> values;
+          for (size_t k = 0; k < names.size(); ++k) {
+            values.push_back(std::to_string(1000 + Below(rng, 9000)));
+            block += (k == 0 ? " " : "; ") + names[k] + " " + values.back();
+          }
+          block += ".";
+          // v3 reads a record block that the question follows (as it was trained), not one buried
+          // in text: the block ends the haystack, and the depth is where the asked record sits in it.
+          const size_t asked = static_cast<size_t>(std::lround(depth * static_cast<double>(names.size() - 1)));
+          c.key = values[asked];
+          c.key_word = length;
+          inserts.emplace_back(length, block);
+          question = " The number for " + names[asked] + " is";
+        } else {
+          // Phrases in turn rather than drawn, so every phrase gets its share of each length.
+          const auto& [phrase, word] = turn[cases.size() % turn.size()];
+          c.phrase = phrase;
+          c.key = word ? pool[Below(rng, pool.size())] : std::to_string(10000 + Below(rng, 90000));
+          inserts.emplace_back(c.key_word, PasskeySentence(c.phrase, c.key));
+          if (keys && o.max_distractors > 0) {
+            // Distractors: other number phrases, each with its own key, anywhere in the haystack.
+            std::vector<std::string> others;
+            for (const std::string& p : o.phrases)
+              if (p != c.phrase) others.push_back(p);
+            c.distractors = static_cast<int>(Below(rng, std::min<size_t>(o.max_distractors, others.size()) + 1));
+            for (int d = 0; d < c.distractors; ++d) {
+              const size_t pick = d + Below(rng, others.size() - d);
+              std::swap(others[d], others[pick]);
+              std::string value;
+              do value = std::to_string(10000 + Below(rng, 90000));
+              while (value == c.key);
+              inserts.emplace_back(static_cast<int>(Below(rng, length + 1)), PasskeySentence(others[d], value));
+            }
+          }
+          question = " What is the " + c.phrase + "? The " + c.phrase + " is";
+        }
+        std::stable_sort(inserts.begin(), inserts.end(),
+                         [](const auto& a, const auto& b) { return a.first < b.first; });
         for (int draw = 0;; ++draw) {
           c.offset = static_cast<int64_t>(Below(rng, words.size() - length + 1));
-          const size_t begin = static_cast<size_t>(c.offset), at = begin + c.key_word, end = begin + length;
-          std::string hay = Join(words, begin, at);
-          if (!hay.empty()) hay += ' ';
-          hay += PasskeySentence(c.phrase, c.key);
+          const size_t begin = static_cast<size_t>(c.offset), end = begin + length;
+          std::string hay;
+          size_t at = begin;
+          for (const auto& [pos, insert] : inserts) {
+            const size_t stop = begin + static_cast<size_t>(pos);
+            if (stop > at) hay += (hay.empty() ? "" : " ") + Join(words, at, stop);
+            at = std::max(at, stop);
+            hay += (hay.empty() ? "" : " ") + insert;
+          }
           if (at < end) hay += ' ' + Join(words, at, end);
-          c.prompt = hay + " What is the " + c.phrase + "? The " + c.phrase + " is";
+          c.prompt = hay + question;
           if (!fit || static_cast<int>(tokenizer->Encode(c.prompt, true).size()) <= max_prompt_tokens) break;
           if (draw + 1 == kMaxDraws) {
             return InvalidArgument(Describe(static_cast<int>(cases.size()), c) + ": no window of " +
@@ -139,8 +255,17 @@ std::string FirstDigitRun(const std::string& text) {
   return text.substr(i, j - i);
 }
 
+std::string FirstWordRun(const std::string& text) {
+  size_t i = 0;
+  while (i < text.size() && !IsLetter(text[i])) ++i;
+  size_t j = i;
+  while (j < text.size() && IsLetter(text[j])) ++j;
+  return text.substr(i, j - i);
+}
+
 bool PasskeyCorrect(const std::string& continuation, const std::string& key) {
-  return !key.empty() && FirstDigitRun(continuation) == key;
+  if (key.empty()) return false;
+  return IsDigit(key[0]) ? FirstDigitRun(continuation) == key : FirstWordRun(continuation) == key;
 }
 
 StatusOr<std::vector<PasskeyResult>> RunPasskey(const Model& model, const std::vector<PasskeyCase>& cases,
@@ -175,12 +300,14 @@ StatusOr<std::vector<PasskeyResult>> RunPasskey(const Model& model, const std::v
     r.depth = c.depth;
     r.phrase = c.phrase;
     r.key = c.key;
+    r.distractors = c.distractors;
+    const bool numeric = !c.key.empty() && IsDigit(c.key[0]);
     r.n_prompt = static_cast<int>(prompts[i].size());
     cache.Clear();
     Sampler greedy(SamplerOptions{0.0f, 0, 1.0f, 0});
     std::vector<int32_t> generated;
     std::string text;  // pieces so far, for the stopping rule
-    bool seen_digit = false;
+    bool seen = false;  // a character of the answer's kind (digit or letter) has come
     const auto t0 = std::chrono::steady_clock::now();
     auto stats = Generate(model, prompts[i], n_predict, n_batch, cache, greedy, pool, [&](int32_t t) {
       // The first token is sampled from the prefill's logits, before any decode step: the cache
@@ -188,10 +315,10 @@ StatusOr<std::vector<PasskeyResult>> RunPasskey(const Model& model, const std::v
       if (generated.empty()) r.kv_bytes = cache.BytesUsed();
       generated.push_back(t);
       for (char ch : tok.TokenToPiece(t)) {
-        if (IsDigit(ch)) {
-          seen_digit = true;
-        } else if (seen_digit) {
-          return false;  // the number has ended: nothing after it is scored
+        if (numeric ? IsDigit(ch) : IsLetter(ch)) {
+          seen = true;
+        } else if (seen) {
+          return false;  // the number (or word) has ended: nothing after it is scored
         }
       }
       return true;
@@ -210,7 +337,7 @@ StatusOr<std::vector<PasskeyResult>> RunPasskey(const Model& model, const std::v
 
 PasskeySummary SummarizePasskey(const std::vector<PasskeyResult>& results) {
   PasskeySummary s;
-  std::map<double, PasskeyBucket> by_length, by_depth;
+  std::map<double, PasskeyBucket> by_length, by_depth, by_tokens, by_distractors;
   double frac = 0.0;
   for (const PasskeyResult& r : results) {
     ++s.n;
@@ -218,7 +345,10 @@ PasskeySummary SummarizePasskey(const std::vector<PasskeyResult>& results) {
     frac += r.kv_fraction;
     s.seconds += r.seconds;
     s.n_prompt_tokens += r.n_prompt;
-    for (auto [m, value] : {std::pair{&by_length, static_cast<double>(r.length)}, std::pair{&by_depth, r.depth}}) {
+    const double tokens_bucket = 1024.0 * std::ceil(r.n_prompt / 1024.0);
+    for (auto [m, value] : {std::pair{&by_length, static_cast<double>(r.length)}, std::pair{&by_depth, r.depth},
+                            std::pair{&by_tokens, tokens_bucket},
+                            std::pair{&by_distractors, static_cast<double>(r.distractors)}}) {
       PasskeyBucket& b = (*m)[value];
       b.value = value;
       ++b.n;
@@ -231,6 +361,8 @@ PasskeySummary SummarizePasskey(const std::vector<PasskeyResult>& results) {
   }
   s.by_length = Buckets(by_length);
   s.by_depth = Buckets(by_depth);
+  s.by_tokens = Buckets(by_tokens);
+  s.by_distractors = Buckets(by_distractors);
   return s;
 }
 

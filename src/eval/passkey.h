@@ -1,7 +1,15 @@
-// Passkey retrieval: a key sentence ("The pass key is 48213. Remember it. 48213 is the pass key.")
-// hidden at a chosen depth in a haystack of plain text, then asked for at the end (" What is the
-// pass key? The pass key is"); the model must continue with the key. It measures whether a cache
-// keeps what a later query needs: a cache that drops or blurs the key sentence loses the answer.
+// Retrieval from a long context, three tasks on haystacks of held-out text:
+//  - passkey: a key sentence ("The pass key is 48213. Remember it. 48213 is the pass key.") hidden
+//    at a chosen depth, then asked for at the end (" What is the pass key? The pass key is"); the
+//    model must continue with the key.
+//  - keys: the same among distractor keys (0 to max_distractors key sentences under other phrases,
+//    at random places), and with word keys under word phrases ("The secret word is harbor. ...").
+//  - records: a block of records ("Records: oak 4821; river 1234; ... .") after a haystack of
+//    `length` words, then " The number for river is"; the model must continue with " 1234". The
+//    depth is where the asked record sits in the block (v3 reads a block the question follows, as
+//    it was trained; a block buried in text it reads about half the time even with the full cache).
+// They measure whether a cache keeps what a later query needs: a cache that drops or blurs the key
+// sentence or the record loses the answer.
 #pragma once
 
 #include <cstddef>
@@ -18,19 +26,30 @@
 namespace dk {
 
 struct PasskeyOptions {
+  std::string task = "passkey";  // passkey, keys or records (above)
   std::vector<int> lengths = {150, 300, 500};  // haystack length in words
   std::vector<double> depths = {0.1, 0.3, 0.5, 0.7, 0.9};  // where the key sentence goes, in [0, 1]
   int per_cell = 2;  // cases per (length, depth) cell
   uint64_t seed = 1;
   int n_predict = 8;  // most tokens decoded per answer (" 48213." is about 7)
   std::vector<std::string> phrases = {"pass key", "secret code", "magic number", "access code"};
+  // keys: phrases whose key is a lower-case word (taken in turn with `phrases`), and the most
+  // distractor key sentences per case (each case draws 0..max_distractors, under other phrases).
+  std::vector<std::string> word_phrases = {"secret word"};
+  int max_distractors = 2;
+  // records: records per block, drawn in [records_min, records_max].
+  int records_min = 20, records_max = 60;
 };
+
+// The options of each task as `dynakv eval` and `dynakv passkey --task` use them by default.
+PasskeyOptions DefaultRetrievalOptions(const std::string& task);
 
 struct PasskeyCase {
   int length = 0;        // haystack words (the key sentence not counted)
   double depth = 0.0;
-  std::string phrase;    // e.g. "pass key"
-  std::string key;       // 5 digits, 10000..99999
+  std::string phrase;    // e.g. "pass key"; records: "records"
+  std::string key;       // the answer: 5 digits (10000..99999), a lower-case word, or a record's 4 digits
+  int distractors = 0;   // keys: distractor key sentences; records: records in the block
   int key_word = 0;      // haystack words before the key sentence: round(depth * length)
   int64_t offset = 0;    // first word of the window in the source text's words
   int redraws = 0;       // windows drawn and rejected because the prompt did not fit (see below)
@@ -42,6 +61,7 @@ struct PasskeyResult {
   int length = 0;
   double depth = 0.0;
   std::string phrase, key;
+  int distractors = 0;
   std::string continuation;  // the greedy continuation as text
   int n_prompt = 0;          // prompt tokens, BOS included
   int n_generated = 0;
@@ -67,6 +87,8 @@ struct PasskeySummary {
   int64_t n_prompt_tokens = 0;
   std::vector<PasskeyBucket> by_length;  // ascending
   std::vector<PasskeyBucket> by_depth;   // ascending
+  std::vector<PasskeyBucket> by_tokens;  // prompt tokens, in buckets of 1024 (value: the bucket's upper end)
+  std::vector<PasskeyBucket> by_distractors;  // keys: distractor count; records: records per block
 };
 
 // Checks the options alone (no text). InvalidArgument names the option by its CLI flag.
@@ -92,8 +114,11 @@ StatusOr<std::vector<PasskeyCase>> MakePasskeyCases(const std::string& text, con
 
 // The first run of ASCII digits in `text` ("" when there is none).
 std::string FirstDigitRun(const std::string& text);
-// Exact retrieval: the first digit run of the continuation is the key, all of it (" 48213." is
-// right; " 4821", " 482130" and " 48213 7" with a different first run are wrong).
+// The first run of ASCII letters in `text` ("" when there is none).
+std::string FirstWordRun(const std::string& text);
+// Exact retrieval: for a numeric key, the first digit run of the continuation is the key, all of it
+// (" 48213." is right; " 4821", " 482130" and " 48213 7" with a different first run are wrong);
+// for a word key, the first run of letters is the key (" harbor." right, " harbors" wrong).
 bool PasskeyCorrect(const std::string& continuation, const std::string& key);
 
 // Called after each case with its index into `cases`.

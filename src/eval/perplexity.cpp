@@ -47,14 +47,16 @@ int ArgMax(const float* x, int n) {
   return best;
 }
 
+int PromptTokens(const PerplexityOptions& opt) { return opt.n_prompt > 0 ? opt.n_prompt : opt.n_ctx / 2; }
+
 // Runs one chunk through the model in batches; logits: [n_ctx][n_vocab]. With the eviction-aware
-// protocol, the first half is a prompt (then EndPrompt; its bytes go to *prompt_bytes) and the rest
-// follows in batches of decode_batch.
+// protocol, the first n_prompt tokens are a prompt (then EndPrompt; its bytes go to *prompt_bytes)
+// and the rest follows in batches of decode_batch.
 Status RunChunk(const Model& model, std::vector<int32_t>& chunk, KvCache& cache, ForwardState& st, float* logits,
                 const PerplexityOptions& opt, int n_batch, ThreadPool& pool, size_t* prompt_bytes) {
   cache.Clear();
   const int n_ctx = static_cast<int>(chunk.size()), V = model.config().n_vocab;
-  const int prompt = opt.prompt_then_decode ? n_ctx / 2 : n_ctx;
+  const int prompt = opt.prompt_then_decode ? PromptTokens(opt) : n_ctx;
   for (int b = 0; b < n_ctx;) {
     const int n = b < prompt ? std::min(n_batch, prompt - b) : std::min(opt.decode_batch, n_ctx - b);
     DK_RETURN_IF_ERROR(model.Forward(chunk.data() + b, n, cache, st, logits + static_cast<size_t>(b) * V, true, pool));
@@ -71,9 +73,12 @@ Status RunChunk(const Model& model, std::vector<int32_t>& chunk, KvCache& cache,
 
 StatusOr<PerplexityResult> ComputePerplexity(const Model& model, const std::vector<int32_t>& tokens, KvCache& cache,
                                              KvCache* reference, const PerplexityOptions& opt, ThreadPool& pool,
-                                             const PerplexityProgress& progress) {
+                                             const PerplexityProgress& progress, ReferenceLogits* stored) {
   const int n_ctx = opt.n_ctx, V = model.config().n_vocab;
   if (n_ctx < 4) return InvalidArgument("-c: context size must be at least 4, found " + std::to_string(n_ctx));
+  if (opt.n_prompt < 0 || opt.n_prompt > n_ctx - 2)
+    return InvalidArgument("perplexity: the prompt part of a chunk must be in [1, " + std::to_string(n_ctx - 2) +
+                           "] tokens (-c " + std::to_string(n_ctx) + "), found " + std::to_string(opt.n_prompt));
   if (opt.n_batch < 1) return InvalidArgument("-b: batch size must be positive");
   if (opt.prompt_then_decode && opt.decode_batch < 1)
     return InvalidArgument("perplexity: the decode batch must be positive, found " + std::to_string(opt.decode_batch));
@@ -91,7 +96,14 @@ StatusOr<PerplexityResult> ComputePerplexity(const Model& model, const std::vect
   if (reference != nullptr) ref_logits.resize(logits.size());
   std::vector<int32_t> chunk(n_ctx);
   std::vector<double> scratch;
-  const int first = n_ctx / 2;
+  const int first = PromptTokens(opt);
+  const size_t scored_rows = static_cast<size_t>(n_ctx - 1 - first);
+  if (stored != nullptr && (stored->n_ctx != n_ctx || stored->n_prompt != first)) {
+    stored->n_ctx = n_ctx;
+    stored->n_prompt = first;
+    stored->chunks.clear();
+  }
+  if (stored != nullptr && static_cast<int>(stored->chunks.size()) < n_chunks) stored->chunks.resize(n_chunks);
   const int32_t bos = model.tokenizer().bos_id();
 
   PerplexityResult r;
@@ -110,11 +122,19 @@ StatusOr<PerplexityResult> ComputePerplexity(const Model& model, const std::vect
     r.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     bpt += static_cast<double>(cache.BytesUsed()) / n_ctx;
     frac += static_cast<double>(cache.BytesUsed()) / (full_bytes * n_ctx);
-    frac_prompt += static_cast<double>(prompt_bytes) / (full_bytes * (n_ctx / 2));
+    frac_prompt += static_cast<double>(prompt_bytes) / (full_bytes * first);
+    const float* ref_rows = nullptr;  // the reference's logits of row `first` onwards
     if (reference != nullptr) {
-      PerplexityOptions plain = opt;
-      plain.prompt_then_decode = false;  // the reference is exact either way; one batch is fastest
-      DK_RETURN_IF_ERROR(RunChunk(model, chunk, *reference, st, ref_logits.data(), plain, n_batch, pool, nullptr));
+      std::vector<float>* keep = stored != nullptr ? &stored->chunks[c] : nullptr;
+      if (keep != nullptr && keep->size() == scored_rows * V) {
+        ref_rows = keep->data();
+      } else {
+        PerplexityOptions plain = opt;
+        plain.prompt_then_decode = false;  // the reference is exact either way; one batch is fastest
+        DK_RETURN_IF_ERROR(RunChunk(model, chunk, *reference, st, ref_logits.data(), plain, n_batch, pool, nullptr));
+        ref_rows = ref_logits.data() + static_cast<size_t>(first) * V;
+        if (keep != nullptr) keep->assign(ref_rows, ref_rows + scored_rows * V);
+      }
     }
     for (int j = first; j < n_ctx - 1; ++j) {
       const float* row = logits.data() + static_cast<size_t>(j) * V;
@@ -123,7 +143,7 @@ StatusOr<PerplexityResult> ComputePerplexity(const Model& model, const std::vect
       nll2 += lp * lp;
       ++count;
       if (reference != nullptr) {
-        const float* ref = ref_logits.data() + static_cast<size_t>(j) * V;
+        const float* ref = ref_rows + static_cast<size_t>(j - first) * V;
         const double d = KlDivergence(ref, row, V, scratch);
         kl += d;
         kl2 += d * d;

@@ -24,6 +24,18 @@ struct PerplexityOptions {
   // each token as it is written (DynaKV, quantized) the numbers equal the plain protocol's.
   bool prompt_then_decode = false;
   int decode_batch = 1;
+  // Tokens of each chunk that are context only (the prompt, compressed when it ends); the rest are
+  // scored. 0: n_ctx / 2, llama.cpp's split. A long-context evaluation compresses, say, 3072 tokens
+  // of a 4096-token chunk and scores the last 1024.
+  int n_prompt = 0;
+};
+
+// The reference's logits of the scored rows of each chunk, computed once and reused by every
+// tested cache of an evaluation (the reference is the same full cache each time). Keyed by what
+// determines them: the chunk's tokens come from the same text, so (n_ctx, n_prompt, chunk) does.
+struct ReferenceLogits {
+  int n_ctx = 0, n_prompt = 0;
+  std::vector<std::vector<float>> chunks;  // [chunk][(n_ctx - n_prompt - 1) * n_vocab], empty until computed
 };
 
 struct PerplexityResult {
@@ -44,9 +56,12 @@ struct PerplexityResult {
 
 using PerplexityProgress = std::function<void(int chunk, int n_chunks, double running_ppl)>;
 
-// `tokens` is the whole tokenized text. Needs at least 2 * n_ctx tokens.
+// `tokens` is the whole tokenized text. Needs at least 2 * n_ctx tokens. With `stored`, the
+// reference's logits are taken from it where a previous call left them (same n_ctx and n_prompt),
+// and left there otherwise; `reference` is then only run for chunks not yet stored.
 StatusOr<PerplexityResult> ComputePerplexity(const Model& model, const std::vector<int32_t>& tokens, KvCache& cache,
                                              KvCache* reference, const PerplexityOptions& options, ThreadPool& pool,
-                                             const PerplexityProgress& progress = nullptr);
+                                             const PerplexityProgress& progress = nullptr,
+                                             ReferenceLogits* stored = nullptr);
 
 }  // namespace dk

@@ -197,6 +197,28 @@ size_t TrainGraph<T>::bytes() const {
 
 namespace {
 
+// The graph's products split by rows over the pool (OpenBLAS runs at one thread beside it, see
+// ConfigureBlasFor): each part multiplies its own rows, so a row's result is the same however the
+// rows are split, and the parts are fixed for a thread count (ThreadPool::ParallelFor).
+template <typename T>
+void RowsMatMulWT(ThreadPool& pool, const T* x, const T* w, T* y, int n, int in, int out, bool add) {
+  pool.ParallelFor(n, [&](int64_t b, int64_t e, int) {
+    const int rows = static_cast<int>(e - b);
+    if (add) {
+      MatMulWTAdd(x + b * in, w, y + b * out, rows, in, out);
+    } else {
+      MatMulWT(x + b * in, w, y + b * out, rows, in, out);
+    }
+  });
+}
+
+template <typename T>
+void RowsMatMulW(ThreadPool& pool, const T* dy, const T* w, T* dx, int n, int out, int in, bool accumulate) {
+  pool.ParallelFor(n, [&](int64_t b, int64_t e, int) {
+    MatMulW(dy + b * out, w, dx + b * in, static_cast<int>(e - b), out, in, accumulate);
+  });
+}
+
 template <typename T>
 void AddBiasRows(T* x, const T* bias, int n, int dim) {
   for (int r = 0; r < n; ++r)
@@ -221,9 +243,9 @@ Status TrainGraph<T>::Forward(const int32_t* tokens, KvRelaxation<T>* kv, Thread
     LayerActs& a = acts_[l];
     const T* x = resid_[l].data();
     RmsNorm(x, w.attn_norm, a.xn1.data(), N, E, c.rms_eps);
-    MatMulWT(a.xn1.data(), w.wq, a.q.data(), N, E, Q);
-    MatMulWT(a.xn1.data(), w.wk, k_.data(), N, E, KV);
-    MatMulWT(a.xn1.data(), w.wv, v_.data(), N, E, KV);
+    RowsMatMulWT(pool, a.xn1.data(), w.wq, a.q.data(), N, E, Q, false);
+    RowsMatMulWT(pool, a.xn1.data(), w.wk, k_.data(), N, E, KV, false);
+    RowsMatMulWT(pool, a.xn1.data(), w.wv, v_.data(), N, E, KV, false);
     if (c.qkv_bias) {
       AddBiasRows(a.q.data(), w.bq, N, Q);
       AddBiasRows(k_.data(), w.bk, N, KV);
@@ -240,16 +262,16 @@ Status TrainGraph<T>::Forward(const int32_t* tokens, KvRelaxation<T>* kv, Thread
     CausalAttentionForward(a.q.data(), a.khat.data(), a.vhat.data(), a.att.data(), a.probs.data(), B_, T_, c.n_head,
                            c.n_head_kv, c.head_dim, pool);
     a.x_mid.assign(x, x + static_cast<size_t>(N) * E);
-    MatMulWTAdd(a.att.data(), w.wo, a.x_mid.data(), N, Q, E);
+    RowsMatMulWT(pool, a.att.data(), w.wo, a.x_mid.data(), N, Q, E, true);
     RmsNorm(a.x_mid.data(), w.ffn_norm, a.xn2.data(), N, E, c.rms_eps);
-    MatMulWT(a.xn2.data(), w.w_gate, a.gate.data(), N, E, F);
-    MatMulWT(a.xn2.data(), w.w_up, a.up.data(), N, E, F);
+    RowsMatMulWT(pool, a.xn2.data(), w.w_gate, a.gate.data(), N, E, F, false);
+    RowsMatMulWT(pool, a.xn2.data(), w.w_up, a.up.data(), N, E, F, false);
     SwiGlu(a.gate.data(), a.up.data(), act_.data(), static_cast<int64_t>(N) * F);
     resid_[l + 1] = a.x_mid;
-    MatMulWTAdd(act_.data(), w.w_down, resid_[l + 1].data(), N, F, E);
+    RowsMatMulWT(pool, act_.data(), w.w_down, resid_[l + 1].data(), N, F, E, true);
   }
   RmsNorm(resid_[c.n_layer].data(), w_.output_norm, xf_.data(), N, E, c.rms_eps);
-  MatMulWT(xf_.data(), w_.output, logits_.data(), N, E, c.n_vocab);
+  RowsMatMulWT(pool, xf_.data(), w_.output, logits_.data(), N, E, c.n_vocab, false);
   return Status::Ok();
 }
 
@@ -259,20 +281,20 @@ void TrainGraph<T>::Backward(const T* dlogits, KvRelaxation<T>* kv, ThreadPool& 
   const int N = N_, E = c.n_embd, Q = c.n_head * c.head_dim, KV = c.n_head_kv * c.head_dim, F = c.n_ff;
   const size_t NE = static_cast<size_t>(N) * E;
   // Head and final norm: dx = d/d resid[L].
-  MatMulW(dlogits, w_.output, tmp_.data(), N, c.n_vocab, E, false);
+  RowsMatMulW(pool, dlogits, w_.output, tmp_.data(), N, c.n_vocab, E, false);
   RmsNormBackward(resid_[c.n_layer].data(), w_.output_norm, tmp_.data(), dx_.data(), N, E, c.rms_eps);
   for (int l = c.n_layer - 1; l >= 0; --l) {
     const GraphLayerWeights<T>& w = w_.layers[l];
     const LayerActs& a = acts_[l];
     // Feed-forward block: resid[l+1] = x_mid + SwiGLU(xn2) Wd^T.
-    MatMulW(dx_.data(), w.w_down, dact_.data(), N, E, F, false);
+    RowsMatMulW(pool, dx_.data(), w.w_down, dact_.data(), N, E, F, false);
     SwiGluBackward(a.gate.data(), a.up.data(), dact_.data(), dgate_.data(), dup_.data(), static_cast<int64_t>(N) * F);
-    MatMulW(dgate_.data(), w.w_gate, dxn_.data(), N, F, E, false);
-    MatMulW(dup_.data(), w.w_up, dxn_.data(), N, F, E, true);
+    RowsMatMulW(pool, dgate_.data(), w.w_gate, dxn_.data(), N, F, E, false);
+    RowsMatMulW(pool, dup_.data(), w.w_up, dxn_.data(), N, F, E, true);
     RmsNormBackward(a.x_mid.data(), w.ffn_norm, dxn_.data(), tmp_.data(), N, E, c.rms_eps);
     for (size_t i = 0; i < NE; ++i) dxmid_[i] = dx_[i] + tmp_[i];
     // Attention block: x_mid = resid[l] + att Wo^T.
-    MatMulW(dxmid_.data(), w.wo, datt_.data(), N, E, Q, false);
+    RowsMatMulW(pool, dxmid_.data(), w.wo, datt_.data(), N, E, Q, false);
     CausalAttentionBackward(a.q.data(), a.khat.data(), a.vhat.data(), a.probs.data(), datt_.data(), dq_.data(),
                             dkhat_.data(), dvhat_.data(), B_, T_, c.n_head, c.n_head_kv, c.head_dim, pool);
     std::fill(dxn_.begin(), dxn_.end(), T(0));
@@ -284,9 +306,9 @@ void TrainGraph<T>::Backward(const T* dlogits, KvRelaxation<T>* kv, ThreadPool& 
     }
     RopeBackward(dq_.data(), pos_.data(), N, c.n_head, c.head_dim, c.n_rot, c.rope_base, c.rope_neox);
     RopeBackward(dk_.data(), pos_.data(), N, c.n_head_kv, c.head_dim, c.n_rot, c.rope_base, c.rope_neox);
-    MatMulW(dq_.data(), w.wq, dxn_.data(), N, Q, E, true);
-    MatMulW(dk_.data(), w.wk, dxn_.data(), N, KV, E, true);
-    MatMulW(dv_.data(), w.wv, dxn_.data(), N, KV, E, true);
+    RowsMatMulW(pool, dq_.data(), w.wq, dxn_.data(), N, Q, E, true);
+    RowsMatMulW(pool, dk_.data(), w.wk, dxn_.data(), N, KV, E, true);
+    RowsMatMulW(pool, dv_.data(), w.wv, dxn_.data(), N, KV, E, true);
     RmsNormBackward(resid_[l].data(), w.attn_norm, dxn_.data(), tmp_.data(), N, E, c.rms_eps);
     for (size_t i = 0; i < NE; ++i) dx_[i] = dxmid_[i] + tmp_[i];
   }

@@ -22,8 +22,8 @@ std::string Cell(const nlohmann::json& row, const char* task, const char* key, c
 }
 
 void PrintTable(const nlohmann::json& summary) {
-  std::printf("%-16s %8s %9s %9s %8s %7s %8s %10s\n", "method", "target", "fraction", "PPL", "KL", "top-1", "passkey",
-              "decode t/s");
+  std::printf("%-16s %8s %9s %9s %8s %7s %8s %6s %8s %10s\n", "method", "target", "fraction", "PPL", "KL", "top-1",
+              "passkey", "keys", "records", "decode t/s");
   for (const nlohmann::json& row : summary["rows"]) {
     const double f = row["fraction"].get<double>();
     std::string decode = "-";
@@ -34,11 +34,13 @@ void PrintTable(const nlohmann::json& summary) {
       decode = buf;
     }
     std::string frac = Cell(row, "perplexity", "kv_fraction_prompt", "%.4f");
-    if (frac == "-") frac = Cell(row, "passkey", "kv_fraction", "%.4f");
-    std::printf("%-16s %8s %9s %9s %8s %7s %8s %10s\n", row["method"].get<std::string>().c_str(),
+    for (const char* task : {"passkey", "keys", "records"})
+      if (frac == "-") frac = Cell(row, task, "kv_fraction", "%.4f");
+    std::printf("%-16s %8s %9s %9s %8s %7s %8s %6s %8s %10s\n", row["method"].get<std::string>().c_str(),
                 f < 0 ? "fixed" : std::to_string(f).substr(0, 6).c_str(), frac.c_str(),
                 Cell(row, "perplexity", "ppl", "%.3f").c_str(), Cell(row, "perplexity", "kl", "%.4f").c_str(),
                 Cell(row, "perplexity", "top1", "%.4f").c_str(), Cell(row, "passkey", "accuracy", "%.3f").c_str(),
+                Cell(row, "keys", "accuracy", "%.3f").c_str(), Cell(row, "records", "accuracy", "%.3f").c_str(),
                 decode.c_str());
   }
 }
@@ -49,7 +51,7 @@ int CmdEval(int argc, char** argv) {
   std::string model_path, text_file, profile, routers, methods = "full,uniform,energy,router", fractions, tasks,
                                                        config_file, write_config, name, results = "results",
                                                        lengths, depths, speed_ctx, speed_fractions;
-  int threads = DefaultThreads(), chunks = -1, per_cell = -1, ctx = -1;
+  int threads = DefaultThreads(), chunks = -1, per_cell = -1, ctx = -1, ppl_prompt = -1;
   bool help = false, force = false, quiet = false;
   ArgParser p("eval", "compare KV cache methods at equal cache fractions: perplexity/KL, passkey retrieval, speed");
   p.AddString({"-m", "--model"}, &model_path, "FILE", "GGUF model file (required)");
@@ -58,12 +60,16 @@ int CmdEval(int argc, char** argv) {
   p.AddString({"--routers"}, &routers, "F=FILE,..", "profiles with a router trained at each fraction, e.g. 0.25=r.dkv");
   p.AddString({"--methods"}, &methods, "LIST", "methods to compare (default full,uniform,energy,router); see below");
   p.AddString({"--fractions"}, &fractions, "LIST", "cache fractions of the fp16 full cache (default 0.5,0.25,0.125,0.0625)");
-  p.AddString({"--tasks"}, &tasks, "LIST", "perplexity,passkey,speed (default all three)");
+  p.AddString({"--tasks"}, &tasks, "LIST", "perplexity,passkey,keys,records,speed (default perplexity,passkey,speed)");
   p.AddInt({"-c", "--ctx-size"}, &ctx, 4, 1 << 20, "perplexity chunk size (default 512)");
+  p.AddInt({"--ppl-prompt"}, &ppl_prompt, 0, 1 << 20,
+           "tokens of each chunk compressed as the prompt, the rest scored (default 0: half of -c)");
   p.AddInt({"--chunks"}, &chunks, 1, 1 << 30, "perplexity chunks scored (default 100)");
-  p.AddInt({"--per-cell"}, &per_cell, 1, 1 << 20, "passkey haystacks per length and depth (default 2)");
-  p.AddString({"--lengths"}, &lengths, "L,L,..", "passkey haystack lengths in words (default 150,300,500)");
-  p.AddString({"--depths"}, &depths, "D,D,..", "passkey key depths (default 0.1,0.3,0.5,0.7,0.9)");
+  p.AddInt({"--per-cell"}, &per_cell, 1, 1 << 20,
+           "retrieval haystacks per length and depth (default 2 for passkey, 3 for keys and records)");
+  p.AddString({"--lengths"}, &lengths, "L,L,..",
+              "retrieval haystack lengths in words (default 150,300,500 for passkey, 200,500,900,1250 for keys, 100,400,800,1100 for records)");
+  p.AddString({"--depths"}, &depths, "D,D,..", "retrieval key depths (default 0.1,0.3,0.5,0.7,0.9)");
   p.AddString({"--speed-ctx"}, &speed_ctx, "LIST", "context lengths for speed (default 1024,4096,16384,32768)");
   p.AddString({"--speed-fractions"}, &speed_fractions, "LIST", "fractions timed for speed (default 0.25)");
   p.AddString({"--name"}, &name, "NAME", "results folder name (default: from the model file)");
@@ -121,14 +127,18 @@ int CmdEval(int argc, char** argv) {
   if (!tasks.empty()) j["tasks"] = SplitCommas(tasks);
   if (ctx > 0) j["ppl_ctx"] = ctx;
   if (chunks > 0) j["ppl_chunks"] = chunks;
-  if (per_cell > 0) j["passkey"]["per_cell"] = per_cell;
-  if (!lengths.empty()) {
-    if (Status s = ParseInts("--lengths", lengths, &i); !s.ok()) return UsageError("eval", p, s);
-    j["passkey"]["lengths"] = i;
-  }
-  if (!depths.empty()) {
-    if (Status s = ParseDoubles("--depths", depths, &d); !s.ok()) return UsageError("eval", p, s);
-    j["passkey"]["depths"] = d;
+  if (ppl_prompt >= 0) j["ppl_prompt"] = ppl_prompt;
+  // The retrieval flags apply to every retrieval task.
+  for (const char* task : {"passkey", "keys", "records"}) {
+    if (per_cell > 0) j[task]["per_cell"] = per_cell;
+    if (!lengths.empty()) {
+      if (Status s = ParseInts("--lengths", lengths, &i); !s.ok()) return UsageError("eval", p, s);
+      j[task]["lengths"] = i;
+    }
+    if (!depths.empty()) {
+      if (Status s = ParseDoubles("--depths", depths, &d); !s.ok()) return UsageError("eval", p, s);
+      j[task]["depths"] = d;
+    }
   }
   if (!speed_ctx.empty()) {
     if (Status s = ParseInts("--speed-ctx", speed_ctx, &i); !s.ok()) return UsageError("eval", p, s);

@@ -60,7 +60,7 @@ nlohmann::json BucketsJson(const std::vector<PasskeyBucket>& buckets, const char
 }  // namespace
 
 int CmdPasskey(int argc, char** argv) {
-  std::string model_path, text_file, lengths_arg, depths_arg, json_path;
+  std::string model_path, text_file, lengths_arg, depths_arg, json_path, task = "passkey";
   PasskeyOptions opt;
   int n_ctx = 0, threads = DefaultThreads();
   unsigned long long seed = opt.seed;
@@ -69,9 +69,14 @@ int CmdPasskey(int argc, char** argv) {
   ArgParser p("passkey", "passkey retrieval: a key hidden in a haystack of -f text, asked for at the end");
   p.AddString({"-m", "--model"}, &model_path, "FILE", "GGUF model file (required)");
   p.AddString({"-f", "--file"}, &text_file, "FILE", "haystack text, held out from training (required)");
-  p.AddString({"--lengths"}, &lengths_arg, "L,L,..", "haystack lengths in words (default 150,300,500)");
+  p.AddString({"--task"}, &task, "TASK",
+              "passkey (one key), keys (among distractor keys, number and word keys) or records (a number among "
+              "20-60 records); default passkey");
+  p.AddInt({"--distractors"}, &opt.max_distractors, 0, 16, "keys: most distractor keys per haystack (default 2)");
+  p.AddString({"--lengths"}, &lengths_arg, "L,L,..",
+              "haystack lengths in words (default 150,300,500; keys 200,500,900,1250, records 100,400,800,1100)");
   p.AddString({"--depths"}, &depths_arg, "D,D,..", "key depths in [0, 1] (default 0.1,0.3,0.5,0.7,0.9)");
-  p.AddInt({"--per-cell"}, &opt.per_cell, 1, 1 << 20, "cases per length and depth (default 2)");
+  p.AddInt({"--per-cell"}, &opt.per_cell, 1, 1 << 20, "cases per length and depth (default 2; keys and records 3)");
   p.AddUInt64({"--seed"}, &seed, "seed of the haystack windows and keys (default 1)");
   p.AddInt({"-n", "--n-predict"}, &opt.n_predict, 1, 1 << 16, "most tokens decoded per answer (default 8)");
   p.AddInt({"-c", "--ctx-size"}, &n_ctx, 1, 1 << 24,
@@ -88,6 +93,14 @@ int CmdPasskey(int argc, char** argv) {
   }
   if (model_path.empty()) return UsageError("passkey", p, InvalidArgument("-m: a model file is required"));
   if (text_file.empty()) return UsageError("passkey", p, InvalidArgument("-f: a text file is required"));
+  {
+    // The task's defaults for what the flags did not set.
+    const PasskeyOptions d = DefaultRetrievalOptions(task);
+    opt.task = task;
+    if (!p.WasSet("--per-cell")) opt.per_cell = d.per_cell;
+    if (!p.WasSet("-n")) opt.n_predict = d.n_predict;
+    opt.lengths = d.lengths;
+  }
   if (p.WasSet("--lengths")) {
     if (Status s = ParseInts("--lengths", lengths_arg, &opt.lengths); !s.ok()) return UsageError("passkey", p, s);
   }
