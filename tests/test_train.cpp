@@ -16,6 +16,7 @@
 
 #include "core/threads.h"
 #include "eval/calibrate.h"
+#include "eval/passkey.h"
 #include "eval/perplexity.h"
 #include "eval/rankmap.h"
 #include "kv/dynakv_cache.h"
@@ -291,6 +292,10 @@ TEST(TrainGraphEngine, ForwardMatchesTheEngine) {
   const std::vector<int32_t> tokens = Tokens("valid.txt", 0, T);
   const ModelGraphWeights weights(TheModel());
   TrainGraph<float> graph(weights.view(), 1, T);
+  // The size checked before allocating is the size allocated.
+  EXPECT_EQ(TrainGraph<float>::BytesFor(TheModel().config(), 1, T), graph.bytes());
+  EXPECT_EQ(TrainGraph<double>::BytesFor(TheModel().config(), 3, 40),
+            TrainGraph<double>(OwnedGraphWeights<double>::Random(TheModel().config(), 1).view(), 3, 40).bytes());
   ASSERT_TRUE(graph.Forward(tokens.data(), nullptr, pool).ok());
   const ModelConfig& c = TheModel().config();
   FullKvCache cache(c.kv_shape(), T, KvDtype::kF32);
@@ -366,6 +371,43 @@ TEST(TrainGraphEngine, RelaxedArgmaxMatchesTheRouterCache) {
 }
 
 // ---- Checkpoints -----------------------------------------------------------------------------------
+
+// Retrieval documents longer than a training sequence are shortened, not dropped: the key
+// sentences and the question survive whole, in order, with less haystack between them.
+TEST(TrainData, LongDocumentsAreShortenedAroundTheirKeys) {
+  const Tokenizer& tok = TheModel().tokenizer();
+  const std::vector<std::string> words = SplitWords(test::ReadText(test::DataPath("valid.txt")).substr(0, 40000));
+  auto hay = [&](size_t b, size_t n) {
+    std::string s;
+    for (size_t i = b; i < b + n; ++i) s += (s.empty() ? "" : " ") + words[i];
+    return s;
+  };
+  const std::string key = "The pass key is 48213. Remember it. 48213 is the pass key.";
+  const std::string other = "The secret code is 11111. Remember it. 11111 is the secret code.";
+  const std::string question = "What is the pass key? The pass key is 48213.";
+  const std::string doc = hay(0, 300) + " " + other + " " + hay(300, 500) + " " + key + " " + hay(800, 400) + " " + question;
+  const int full = static_cast<int>(tok.Encode(doc, false).size());
+  ASSERT_GT(full, 1000);
+  const std::string cut = ShortenDocument(doc, tok, 400);
+  ASSERT_FALSE(cut.empty());
+  EXPECT_LE(static_cast<int>(tok.Encode(cut, false).size()), 400);
+  EXPECT_GT(static_cast<int>(tok.Encode(cut, false).size()), 250) << "as much haystack as fits";
+  const size_t a = cut.find(other), b = cut.find(key), c = cut.find(question);
+  ASSERT_NE(a, std::string::npos);
+  ASSERT_NE(b, std::string::npos);
+  ASSERT_NE(c, std::string::npos);
+  EXPECT_LT(a, b);
+  EXPECT_LT(b, c);
+  EXPECT_TRUE(cut.ends_with(question));
+  EXPECT_EQ(ShortenDocument(doc, tok, 20), "") << "the protected parts alone are longer";
+  // Through MakeTrainData: counted as shortened, none skipped.
+  auto d = MakeTrainData(tok, test::ReadText(test::DataPath("calib.txt")).substr(0, 60000), doc + "\n\n" + key, 512);
+  ASSERT_TRUE(d.ok()) << d.status().ToString();
+  EXPECT_EQ(d->docs.size(), 2u);
+  EXPECT_EQ(d->shortened_docs, 1);
+  EXPECT_EQ(d->skipped_docs, 0);
+  EXPECT_LE(d->docs[0].size(), 511u);
+}
 
 TEST(TrainCheckpoint, RoundTripAndDamage) {
   Checkpoint c{0x1234, 17, {1.0f, -2.0f, 3.5f}, {0.1f, 0.2f, 0.3f}, {1e-3f, 2e-3f, 3e-3f}};
@@ -527,6 +569,12 @@ TEST(TrainRouterCli, TrainsAndTheProfileServesTheRouter) {
                             " -o /nonexistent-dir/x.dkv");
   EXPECT_EQ(nodir.exit_code, 2);
   EXPECT_THAT(nodir.err, HasSubstr("/nonexistent-dir"));
+  // A graph larger than the machine: refused with the sizes, before it is allocated.
+  auto huge = test::RunCli("train-router -m " + model + " --profile " + base + " -f " + text +
+                           " --seq-len 65536 --batch 64 --steps 1 -q -o " + out);
+  EXPECT_EQ(huge.exit_code, 1) << huge.err;
+  EXPECT_THAT(huge.err, HasSubstr("--seq-len 65536"));
+  EXPECT_THAT(huge.err, HasSubstr("of memory is available"));
   for (const std::string& f : {base, out, log, html}) std::remove(f.c_str());
 }
 

@@ -183,6 +183,19 @@ TrainGraph<T>::TrainGraph(const GraphWeights<T>& weights, int batch, int seq_len
 }
 
 template <typename T>
+uint64_t TrainGraph<T>::BytesFor(const ModelConfig& c, int batch, int seq_len) {
+  // The buffers the constructor sizes, in elements (see the members in train_graph.h).
+  const long double N = static_cast<long double>(batch) * seq_len, E = c.n_embd, Q = c.n_head * c.head_dim,
+                    KV = c.n_head_kv * c.head_dim, F = c.n_ff, V = c.n_vocab, L = c.n_layer;
+  const long double probs = static_cast<long double>(batch) * c.n_head * seq_len * seq_len;
+  const long double per_layer = 3 * N * E + 2 * N * Q + 2 * N * KV + probs + 2 * N * F;
+  const long double elems = (L + 1) * N * E + L * per_layer + N * E + N * V + 2 * N * KV + N * F + 4 * N * E +
+                            3 * N * F + 2 * N * Q + 4 * N * KV;
+  const long double bytes = elems * sizeof(T) + N * sizeof(int32_t);
+  return bytes >= 1.8e19L ? UINT64_MAX : static_cast<uint64_t>(bytes);
+}
+
+template <typename T>
 size_t TrainGraph<T>::bytes() const {
   size_t n = pos_.size() * sizeof(int32_t);
   for (const auto& r : resid_) n += r.size() * sizeof(T);

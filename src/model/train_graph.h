@@ -109,6 +109,9 @@ class TrainGraph {
 
   // Bytes of activations and scratch held.
   size_t bytes() const;
+  // What bytes() will be for these sizes, computed without allocating (checked against the memory
+  // available before a graph is made). Saturates instead of overflowing.
+  static uint64_t BytesFor(const ModelConfig& config, int batch, int seq_len);
 
  private:
   struct LayerActs {

@@ -94,9 +94,9 @@ int CmdTrainRouter(int argc, char** argv) {
   auto data = MakeTrainData(m.tokenizer(), *text, docs, o.seq_len);
   if (!data.ok()) return Fail("train-router", data.status());
   std::fprintf(stderr,
-               "train-router: %zu text tokens, %zu documents (%d longer than --seq-len skipped); target %.4g, "
+               "train-router: %zu text tokens, %zu documents (%d shortened to fit --seq-len, %d skipped); target %.4g, "
                "%d steps of %d x %d tokens, router width %d%s\n",
-               data->plain.size(), data->docs.size(), data->skipped_docs, o.target, o.steps, o.batch, o.seq_len,
+               data->plain.size(), data->docs.size(), data->shortened_docs, data->skipped_docs, o.target, o.steps, o.batch, o.seq_len,
                o.hidden, o.train_bases ? ", training bases" : "");
   ThreadPool pool(threads);
   ConfigureBlasFor(threads);

@@ -6,6 +6,69 @@
 
 namespace dk {
 
+namespace {
+
+std::vector<std::string> Words(const std::string& text) {
+  std::vector<std::string> w;
+  size_t i = 0;
+  while (i < text.size()) {
+    while (i < text.size() && text[i] == ' ') ++i;
+    const size_t b = i;
+    while (i < text.size() && text[i] != ' ') ++i;
+    if (i > b) w.emplace_back(text, b, i - b);
+  }
+  return w;
+}
+
+}  // namespace
+
+std::string ShortenDocument(const std::string& doc, const Tokenizer& tok, int max_tokens) {
+  const std::vector<std::string> words = Words(doc);
+  const int n = static_cast<int>(words.size());
+  // Protected: each key sentence ("The <phrase> is <key>. Remember it. <key> is the <phrase>.",
+  // found by its "Remember"), the question and answer at the end, and the first words.
+  std::vector<char> keep(n, 0);
+  auto protect = [&](int b, int e) {
+    for (int i = std::max(0, b); i < std::min(n, e); ++i) keep[i] = 1;
+  };
+  for (int i = 0; i < n; ++i)
+    if (words[i] == "Remember") protect(i - 6, i + 8);
+  int question = n;
+  for (int i = n - 1; i >= 0 && i >= n - 40; --i)
+    if (words[i] == "What") {
+      question = i;
+      break;
+    }
+  protect(question, n);
+  protect(0, 4);
+  // Gaps between protected words keep their first part, a fraction r of their words, with r
+  // lowered until the document fits: the key sentences, the distractors and the question stay
+  // where they are relative to each other, with less haystack between them.
+  auto join = [&](double r) {
+    std::string out;
+    for (int i = 0; i < n;) {
+      if (keep[i]) {
+        out += (out.empty() ? "" : " ") + words[i];
+        ++i;
+        continue;
+      }
+      int j = i;
+      while (j < n && !keep[j]) ++j;
+      const int kept = static_cast<int>(r * (j - i));
+      for (int k = i; k < i + kept; ++k) out += (out.empty() ? "" : " ") + words[k];
+      i = j;
+    }
+    return out;
+  };
+  const int total = static_cast<int>(tok.Encode(doc, false).size());
+  double r = std::min(1.0, 0.95 * max_tokens / std::max(1, total));
+  for (int attempt = 0; attempt < 40; ++attempt, r *= 0.9) {
+    std::string out = join(r);
+    if (static_cast<int>(tok.Encode(out, false).size()) <= max_tokens) return out;
+  }
+  return "";
+}
+
 StatusOr<TrainData> MakeTrainData(const Tokenizer& tok, const std::string& plain_text, const std::string& docs_text,
                                   int seq_len) {
   if (seq_len < 2) return InvalidArgument("--seq-len: expected at least 2 tokens, found " + std::to_string(seq_len));
@@ -30,8 +93,14 @@ StatusOr<TrainData> MakeTrainData(const Tokenizer& tok, const std::string& plain
     // boundary, as it would continuing the text before it.
     std::vector<int32_t> ids = tok.Encode(doc, false);
     if (static_cast<int>(ids.size()) > seq_len - 1) {
-      ++d.skipped_docs;
-      continue;
+      // Too long for a sequence: the haystack is shortened around what the question needs.
+      const std::string shorter = ShortenDocument(doc, tok, seq_len - 1);
+      if (shorter.empty()) {
+        ++d.skipped_docs;
+        continue;
+      }
+      ids = tok.Encode(shorter, false);
+      ++d.shortened_docs;
     }
     if (!ids.empty()) d.docs.push_back(std::move(ids));
   }

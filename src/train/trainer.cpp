@@ -8,6 +8,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "core/memory.h"
 #include "core/threads.h"
 #include "kv/dynakv_cache.h"
 #include "kv/full_cache.h"
@@ -200,6 +201,18 @@ StatusOr<TrainRouterResult> TrainRouter(const Model& model, const DynaKvProfile&
   const auto t_start = Clock::now();
   const int B = o.batch, T = o.seq_len, N = B * T, V = c.n_vocab, D = c.n_head_kv * c.head_dim;
   const RecordCost cost = DynaKvCache::CostFor(D, KvDtype::kF16);
+  {
+    // The training graph (its attention weights grow as seq_len^2), the teacher's logits and their
+    // gradient, the teacher's cache and the fp32 copies of the weights, refused before any of it
+    // is allocated.
+    const long double logits = 2.0L * N * V * sizeof(float), teacher_kv = 2.0L * c.n_layer * T * D * sizeof(float);
+    const long double weights = static_cast<long double>(model.weight_bytes()) * 4;  // at most fp32 copies
+    const long double total = static_cast<long double>(TrainGraph<float>::BytesFor(c, B, T)) + logits + teacher_kv + weights;
+    const uint64_t need = total >= 1.8e19L ? UINT64_MAX : static_cast<uint64_t>(total);
+    DK_RETURN_IF_ERROR(CheckMemory(need, "training with --batch " + std::to_string(B) + " --seq-len " +
+                                             std::to_string(T) + " (activations grow as batch x seq-len^2)")
+                           .WithContext("train-router: lower --seq-len or --batch"));
+  }
 
   ParamStore<float> params;
   RelaxedDynaKvCache<float> relax(base, c.n_embd, cost,
