@@ -258,7 +258,7 @@ TEST(NonFiniteActivations, ForwardStopsAtTheLayerThatOverflowed) {
 double Perplexity(const Model& m, const std::vector<int32_t>& tokens, int threads, const KvConfig& kv,
                   const PerplexityOptions& opt) {
   ThreadPool pool(threads);
-  SetBlasThreads(threads);
+  ConfigureBlasFor(threads);  // as every command: OpenBLAS beside the pool, not inside it
   auto cache = CreateKvCache(kv, KvModelInfo{m.config().kv_shape(), m.fingerprint(), "stories260K.gguf"}, opt.n_ctx);
   EXPECT_TRUE(cache.ok()) << cache.status().ToString();
   if (!cache.ok()) return 0.0;
@@ -295,7 +295,7 @@ TEST(ThreadCount, CalibrationGivesTheSameBits) {
   std::vector<DynaKvProfile> profiles;
   for (int threads : {1, 2}) {
     ThreadPool pool(threads);
-    SetBlasThreads(threads);
+    ConfigureBlasFor(threads);
     auto p = Calibrate(m, tokens, CalibrateOptions{128, 128, 4, {}}, pool);
     ASSERT_TRUE(p.ok()) << p.status().ToString();
     profiles.push_back(std::move(*p));

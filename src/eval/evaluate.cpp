@@ -178,7 +178,37 @@ StatusOr<json> Retrieval(const Model& model, const EvalSpec& spec, const EvalRun
   return out;
 }
 
-// Prefill `ctx` tokens (the text, cycled) in batches of 512, end the prompt, decode greedily.
+// The machine's read bandwidth as a decode step sees it: every thread of the pool sums its share of
+// a 256 MiB buffer (far larger than any cache), best of 3, in GB/s. A STREAM-like bound for the
+// bytes a decode step must read (weights and the cache).
+double ReadBandwidthGBs(ThreadPool& pool) {
+  const size_t n = (size_t{256} << 20) / sizeof(float);
+  std::vector<float> buf(n, 1.0f);
+  std::vector<double> sums(pool.size(), 0.0);
+  double best = 0.0;
+  for (int rep = 0; rep < 3; ++rep) {
+    const auto t0 = std::chrono::steady_clock::now();
+    pool.ParallelFor(static_cast<int64_t>(n), [&](int64_t b, int64_t e, int tid) {
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      int64_t i = b;
+      for (; i + 8 <= e; i += 8)
+        for (int k = 0; k < 8; ++k) acc[k] += buf[i + k];
+      for (; i < e; ++i) acc[0] += buf[i];
+      double s = 0.0;
+      for (float a : acc) s += a;
+      sums[tid] += s;
+    });
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, static_cast<double>(n * sizeof(float)) / secs / 1e9);
+  }
+  volatile double sink = 0.0;
+  for (double s : sums) sink = sink + s;
+  return best;
+}
+
+// Prefill `ctx` tokens (the text, cycled) in batches of 512, end the prompt, decode greedily. Each
+// context also says what a decode step reads (the weights as stored and the cache's bytes) and the
+// rate that implies, beside the machine's read bandwidth measured in the same task.
 StatusOr<json> Speed(const Model& model, const EvalSpec& spec, const EvalRun& run, const std::vector<int32_t>& text,
                      ThreadPool& pool) {
   using Clock = std::chrono::steady_clock;
@@ -212,11 +242,15 @@ StatusOr<json> Speed(const Model& model, const EvalSpec& spec, const EvalRun& ru
     DK_RETURN_IF_ERROR(decode_steps(spec.speed_decode));
     const double decode = std::chrono::duration<double>(Clock::now() - t0).count();
     const double full = static_cast<double>(Fp16FullBytesPerToken(model.config().kv_shape()));
-    rows.push_back({{"ctx", ctx}, {"prefill_tokens_per_s", ctx / prefill}, {"decode_tokens_per_s", spec.speed_decode / decode},
+    const double tps = spec.speed_decode / decode;
+    // Bytes one decode step reads at least: every weight once, and the cache as it stands midway.
+    const double read = static_cast<double>(model.weight_bytes()) + static_cast<double>(cache->BytesUsed());
+    rows.push_back({{"ctx", ctx}, {"prefill_tokens_per_s", ctx / prefill}, {"decode_tokens_per_s", tps},
                     {"kv_bytes", bytes_prompt}, {"kv_fraction", bytes_prompt / (full * ctx)},
-                    {"kv_bytes_reserved", cache->BytesReserved()}});
+                    {"kv_bytes_reserved", cache->BytesReserved()}, {"bytes_read_per_token", read},
+                    {"read_gb_per_s", read * tps / 1e9}});
   }
-  return json{{"contexts", rows}};
+  return json{{"contexts", rows}, {"machine_read_gb_per_s", ReadBandwidthGBs(pool)}};
 }
 
 }  // namespace
