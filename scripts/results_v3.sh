@@ -27,3 +27,4 @@ step train-router-0.25 $P/v3-router-0.25.dkv build/dynakv train-router -m $M --p
 build/dynakv eval -m $M -f $D/valid-v3.txt --profile $P/v3.dkv --routers 0.25=$P/v3-router-0.25.dkv \
   --methods ${METHODS:-full,uniform,energy,router,q4_0-h,kivi2,snapkv} --fractions 0.25 \
   --tasks perplexity,keys,records -c 4096 --ppl-prompt 3072 --chunks 8 --name eval-llama-27M-v3 -t $T
+scripts/report_v3.py

@@ -244,6 +244,34 @@ TEST_F(EvalRunTest, PerplexityPromptSplitAndStoredReferenceLogits) {
               HasSubstr("prompt part"));
 }
 
+// Speed with a short real prefill replayed to the context: the cache holds the same number of
+// tokens at the same bytes as after a whole prefill, and the prefill rate is that of the real part.
+TEST_F(EvalRunTest, SpeedFillReplaysTheRealPrefill) {
+  ThreadPool pool(2);
+  EvalSpec spec = Spec();
+  spec.tasks = {"speed"};
+  spec.speed_ctx = {40, 200};
+  auto whole = RunEvaluation(*model_, spec, root_ + "-whole", false, pool);
+  spec.speed_fill = 48;
+  auto filled = RunEvaluation(*model_, spec, root_ + "-fill", false, pool);
+  ASSERT_TRUE(whole.ok() && filled.ok()) << filled.status().ToString();
+  for (size_t r = 0; r < 3; ++r) {
+    const json& a = (*whole)["rows"][r]["speed"]["contexts"];
+    const json& b = (*filled)["rows"][r]["speed"]["contexts"];
+    ASSERT_EQ(b.size(), 2u);
+    EXPECT_EQ(b[0]["prefill_tokens"], 40) << "a context below the fill is prefilled whole";
+    EXPECT_EQ(b[1]["prefill_tokens"], 48);
+    EXPECT_EQ(a[1]["prefill_tokens"], 200);
+    EXPECT_EQ(a[1]["kv_bytes"], b[1]["kv_bytes"]) << (*whole)["rows"][r]["method"];
+    EXPECT_GT(b[1]["resident_bytes"].get<double>(), 0.0);
+    EXPECT_GT(b[1]["decode_tokens_per_s"].get<double>(), 0.0);
+  }
+  std::filesystem::remove_all(root_ + "-whole");
+  std::filesystem::remove_all(root_ + "-fill");
+  spec.speed_fill = -1;
+  EXPECT_FALSE(EvalSpecFromJson(EvalSpecToJson(spec)).ok());
+}
+
 TEST_F(EvalRunTest, CommandLine) {
   const std::string dir = root_ + "-cli";
   auto r = test::RunCli("eval -m " + test::DataPath("brown-kjv-llama-6M-f32.gguf") + " -f " +

@@ -206,29 +206,82 @@ double ReadBandwidthGBs(ThreadPool& pool) {
   return best;
 }
 
-// Prefill `ctx` tokens (the text, cycled) in batches of 512, end the prompt, decode greedily. Each
-// context also says what a decode step reads (the weights as stored and the cache's bytes) and the
-// rate that implies, beside the machine's read bandwidth measured in the same task.
+// Resident set size of this process (VmRSS), in bytes; 0 when /proc cannot be read.
+size_t ResidentBytes() {
+  std::FILE* f = std::fopen("/proc/self/status", "r");
+  if (f == nullptr) return 0;
+  char line[256];
+  size_t kb = 0;
+  while (std::fgets(line, sizeof(line), f) != nullptr)
+    if (std::sscanf(line, "VmRSS: %zu kB", &kb) == 1) break;
+  std::fclose(f);
+  return kb * 1024;
+}
+
+// Records what the forward pass writes to each layer (keys, values, attention inputs) while passing
+// it on, so that a prefill can be replayed into the same cache at later positions.
+class RecordingCache : public KvCacheWrapper {
+ public:
+  explicit RecordingCache(std::unique_ptr<KvCache> inner)
+      : KvCacheWrapper(std::move(inner)), k_(shape().n_layer), v_(shape().n_layer), x_(shape().n_layer) {}
+  void Write(int layer, const KvPlan& plan, const float* k, const float* v, const float* x) override {
+    const size_t d = shape().kv_dim(), e = shape().n_embd;
+    k_[layer].insert(k_[layer].end(), k, k + plan.n * d);
+    v_[layer].insert(v_[layer].end(), v, v + plan.n * d);
+    x_[layer].insert(x_[layer].end(), x, x + plan.n * e);
+    KvCacheWrapper::Write(layer, plan, k, v, x);
+  }
+  // Writes the recorded tokens again, cycled, until the cache holds `ctx` tokens: every layer gets
+  // them through its own Write (compression, quantization, rank choice), as a prefill would.
+  Status ReplayTo(int ctx) {
+    const int recorded = static_cast<int>(k_[0].size() / shape().kv_dim());
+    const size_t d = shape().kv_dim(), e = shape().n_embd;
+    while (n_tokens() < ctx) {
+      const int src = n_tokens() % recorded;
+      const int n = std::min({512, ctx - n_tokens(), recorded - src});
+      DK_ASSIGN_OR_RETURN(KvPlan plan, Plan(n));
+      DK_RETURN_IF_ERROR(Apply(plan));
+      for (int l = 0; l < shape().n_layer; ++l)
+        inner().Write(l, plan, k_[l].data() + src * d, v_[l].data() + src * d, x_[l].data() + src * e);
+    }
+    return Status::Ok();
+  }
+
+ private:
+  std::vector<std::vector<float>> k_, v_, x_;
+};
+
+// Prefill `ctx` tokens (the text, cycled) in batches of 512, end the prompt, decode greedily. With
+// spec.speed_fill (0 < fill < ctx) only `fill` tokens go through the model; their keys, values and
+// attention inputs are then written again, cycled, through the cache's own Write up to `ctx` (the
+// cache holds ctx tokens, compressed as it would compress them; only the model's products are
+// skipped, and prefill speed is that of the `fill` tokens). Each context also says what a decode
+// step reads (the weights as stored and the cache's bytes) and the rate that implies, beside the
+// machine's read bandwidth measured in the same task, and the process's resident memory.
 StatusOr<json> Speed(const Model& model, const EvalSpec& spec, const EvalRun& run, const std::vector<int32_t>& text,
                      ThreadPool& pool) {
   using Clock = std::chrono::steady_clock;
   json rows = json::array();
   for (int ctx : spec.speed_ctx) {
-    std::unique_ptr<KvCache> cache;
     constexpr int kWarmup = 4;  // untimed decode steps first: thread wake-up and first-touch pages
-    DK_ASSIGN_OR_RETURN(cache, CreateKvCache(run.config, InfoOf(model, spec), ctx + kWarmup + spec.speed_decode));
-    std::vector<int32_t> prompt(ctx);
-    for (int i = 0; i < ctx; ++i) prompt[i] = text[i % text.size()];
+    std::unique_ptr<KvCache> inner;
+    DK_ASSIGN_OR_RETURN(inner, CreateKvCache(run.config, InfoOf(model, spec), ctx + kWarmup + spec.speed_decode));
+    const bool replay = spec.speed_fill > 0 && spec.speed_fill < ctx;
+    std::unique_ptr<KvCache> cache = replay ? std::make_unique<RecordingCache>(std::move(inner)) : std::move(inner);
+    const int n_real = replay ? spec.speed_fill : ctx;
+    std::vector<int32_t> prompt(n_real);
+    for (int i = 0; i < n_real; ++i) prompt[i] = text[i % text.size()];
     constexpr int kBatch = 512;
-    ForwardState st(model.config(), std::min(kBatch, ctx));
+    ForwardState st(model.config(), std::min(kBatch, n_real));
     std::vector<float> logits(model.config().n_vocab);
     auto t0 = Clock::now();
-    for (int b = 0; b < ctx; b += kBatch) {
-      const int n = std::min(kBatch, ctx - b);
+    for (int b = 0; b < n_real; b += kBatch) {
+      const int n = std::min(kBatch, n_real - b);
       DK_RETURN_IF_ERROR(model.Forward(prompt.data() + b, n, *cache, st, logits.data(), false, pool));
     }
-    DK_RETURN_IF_ERROR(cache->EndPrompt(pool));
     const double prefill = std::chrono::duration<double>(Clock::now() - t0).count();
+    if (replay) DK_RETURN_IF_ERROR(static_cast<RecordingCache&>(*cache).ReplayTo(ctx));
+    DK_RETURN_IF_ERROR(cache->EndPrompt(pool));
     const size_t bytes_prompt = cache->BytesUsed();
     auto decode_steps = [&](int steps) -> Status {
       for (int i = 0; i < steps; ++i) {
@@ -245,10 +298,10 @@ StatusOr<json> Speed(const Model& model, const EvalSpec& spec, const EvalRun& ru
     const double tps = spec.speed_decode / decode;
     // Bytes one decode step reads at least: every weight once, and the cache as it stands midway.
     const double read = static_cast<double>(model.weight_bytes()) + static_cast<double>(cache->BytesUsed());
-    rows.push_back({{"ctx", ctx}, {"prefill_tokens_per_s", ctx / prefill}, {"decode_tokens_per_s", tps},
-                    {"kv_bytes", bytes_prompt}, {"kv_fraction", bytes_prompt / (full * ctx)},
-                    {"kv_bytes_reserved", cache->BytesReserved()}, {"bytes_read_per_token", read},
-                    {"read_gb_per_s", read * tps / 1e9}});
+    rows.push_back({{"ctx", ctx}, {"prefill_tokens", n_real}, {"prefill_tokens_per_s", n_real / prefill},
+                    {"decode_tokens_per_s", tps}, {"kv_bytes", bytes_prompt}, {"kv_fraction", bytes_prompt / (full * ctx)},
+                    {"kv_bytes_reserved", cache->BytesReserved()}, {"resident_bytes", ResidentBytes()},
+                    {"bytes_read_per_token", read}, {"read_gb_per_s", read * tps / 1e9}});
   }
   return json{{"contexts", rows}, {"machine_read_gb_per_s", ReadBandwidthGBs(pool)}};
 }
@@ -307,6 +360,7 @@ StatusOr<EvalSpec> EvalSpecFromJson(const json& j) {
     if (j.contains("speed_fractions")) s.speed_fractions = j["speed_fractions"].get<std::vector<double>>();
     if (j.contains("speed_methods")) s.speed_methods = j["speed_methods"].get<std::vector<std::string>>();
     s.speed_decode = j.value("speed_decode", s.speed_decode);
+    s.speed_fill = j.value("speed_fill", s.speed_fill);
     for (const json& m : j.value("methods", json::array())) {
       if (m.is_string()) {
         EvalMethod preset;
@@ -337,8 +391,8 @@ StatusOr<EvalSpec> EvalSpecFromJson(const json& j) {
       return InvalidArgument("--tasks: unknown task '" + t + "' (perplexity, passkey, keys, records, speed)");
   for (double f : s.fractions)
     if (!(f > 0.0 && f <= 1.0)) return InvalidArgument("--fractions: " + Num(f) + " is not in (0, 1]");
-  if (s.ppl_ctx < 4 || s.ppl_chunks < 1 || s.decode_batch < 1 || s.speed_decode < 1)
-    return InvalidArgument("evaluation config: ppl_ctx, ppl_chunks, decode_batch and speed_decode must be positive");
+  if (s.ppl_ctx < 4 || s.ppl_chunks < 1 || s.decode_batch < 1 || s.speed_decode < 1 || s.speed_fill < 0)
+    return InvalidArgument("evaluation config: ppl_ctx, ppl_chunks, decode_batch and speed_decode must be positive, speed_fill not negative");
   for (int c : s.speed_ctx)
     if (c < 1 || c > (1 << 22)) return InvalidArgument("--speed-ctx: " + std::to_string(c) + " is out of range");
   if (s.ppl_prompt < 0 || s.ppl_prompt > s.ppl_ctx - 2)
@@ -375,7 +429,8 @@ json EvalSpecToJson(const EvalSpec& s) {
                            {"n_predict", s.passkey.n_predict}}},
               {"keys", RetrievalJson(s.keys)}, {"records", RetrievalJson(s.records)}, {"ppl_prompt", s.ppl_prompt},
               {"speed_ctx", s.speed_ctx}, {"speed_fractions", s.speed_fractions},
-              {"speed_methods", s.speed_methods}, {"speed_decode", s.speed_decode}};
+              {"speed_methods", s.speed_methods}, {"speed_decode", s.speed_decode},
+              {"speed_fill", s.speed_fill}};
 }
 
 StatusOr<std::vector<EvalRun>> ExpandRuns(const EvalSpec& spec) {

@@ -61,6 +61,8 @@ struct EvalSpec {
   std::vector<double> speed_fractions = {0.25};
   std::vector<std::string> speed_methods;  // methods timed (empty: all)
   int speed_decode = 64;          // decode steps timed per context (after 4 untimed ones)
+  int speed_fill = 0;             // >0: tokens prefilled through the model; the rest of a context is
+                                  // their keys/values written again, cycled (0: prefill it all)
 };
 
 // Built-in methods by name: full, uniform, energy, router, router-int8, router-int4, kivi2, kivi4,

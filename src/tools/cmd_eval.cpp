@@ -51,7 +51,7 @@ int CmdEval(int argc, char** argv) {
   std::string model_path, text_file, profile, routers, methods = "full,uniform,energy,router", fractions, tasks,
                                                        config_file, write_config, name, results = "results",
                                                        lengths, depths, speed_ctx, speed_fractions;
-  int threads = DefaultThreads(), chunks = -1, per_cell = -1, ctx = -1, ppl_prompt = -1;
+  int threads = DefaultThreads(), chunks = -1, per_cell = -1, ctx = -1, ppl_prompt = -1, speed_fill = -1;
   bool help = false, force = false, quiet = false;
   ArgParser p("eval", "compare KV cache methods at equal cache fractions: perplexity/KL, passkey retrieval, speed");
   p.AddString({"-m", "--model"}, &model_path, "FILE", "GGUF model file (required)");
@@ -72,6 +72,9 @@ int CmdEval(int argc, char** argv) {
   p.AddString({"--depths"}, &depths, "D,D,..", "retrieval key depths (default 0.1,0.3,0.5,0.7,0.9)");
   p.AddString({"--speed-ctx"}, &speed_ctx, "LIST", "context lengths for speed (default 1024,4096,16384,32768)");
   p.AddString({"--speed-fractions"}, &speed_fractions, "LIST", "fractions timed for speed (default 0.25)");
+  p.AddInt({"--speed-fill"}, &speed_fill, 0, 1 << 22,
+           "speed: tokens prefilled through the model; the rest of each context is their keys and values "
+           "written again, cycled, through the cache (default 0: prefill it all)");
   p.AddString({"--name"}, &name, "NAME", "results folder name (default: from the model file)");
   p.AddString({"--results"}, &results, "DIR", "where result folders go (default results)");
   p.AddString({"--config"}, &config_file, "FILE", "an evaluation spec (JSON, as written to <results>/<name>/config.json)");
@@ -148,6 +151,7 @@ int CmdEval(int argc, char** argv) {
     if (Status s = ParseDoubles("--speed-fractions", speed_fractions, &d); !s.ok()) return UsageError("eval", p, s);
     j["speed_fractions"] = d;
   }
+  if (speed_fill >= 0) j["speed_fill"] = speed_fill;
   auto spec = EvalSpecFromJson(j);
   if (!spec.ok()) return CacheError("eval", p, spec.status());
   if (auto runs = ExpandRuns(*spec); !runs.ok()) return CacheError("eval", p, runs.status());
