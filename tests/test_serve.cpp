@@ -219,6 +219,18 @@ TEST(ServeRequest, BadBodiesNameTheField) {
   }
 }
 
+TEST(ServeRequest, NestingDepthIsCountedWithoutRecursion) {
+  EXPECT_EQ(JsonNestingDepth(R"({"a": [1, {"b": []}]})"), 4u);
+  EXPECT_EQ(JsonNestingDepth(R"({"a": "[[[{{\"[["})"), 1u);  // brackets and escaped quotes in strings are text
+  EXPECT_EQ(JsonNestingDepth(std::string(1000000, '[')), 1000000u);
+  auto nested_stop = [](size_t levels) {  // inside the body's object: levels + 1 in all
+    const std::string v = std::string(levels, '[') + std::string(levels, ']');
+    return ParseCompletionRequest(R"({"prompt": "a", "stop": )" + v + "}", false, RequestLimits{}).status().message();
+  };
+  EXPECT_THAT(nested_stop(kMaxJsonDepth - 1), HasSubstr("stop[0]: expected a string"));  // 512 in all: parsed
+  EXPECT_THAT(nested_stop(kMaxJsonDepth), HasSubstr("invalid JSON: nested 513 levels deep, more than 512"));
+}
+
 TEST(ServeRequest, ErrorBodiesAreOpenAiShaped) {
   const ApiError e = BadRequest(InvalidArgument("max_tokens: expected an integer in [1, 10], got 0"));
   const json body = json::parse(e.Body());

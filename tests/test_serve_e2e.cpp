@@ -273,6 +273,38 @@ TEST(ServeE2E, HttpErrorsAreOpenAiShaped) {
   EXPECT_EQ(server.Stop(), 0) << server.Log();
 }
 
+// Deeply nested JSON (a 200 KB body of 100,000 brackets) once overflowed a connection thread's
+// stack while the error message printed the value; now it is a 400 before anything recurses.
+TEST(ServeE2E, DeeplyNestedJsonIsRefusedAndTheServerLives) {
+  ServeProcess server;
+  ASSERT_NO_FATAL_FAILURE(server.Start("--parallel 1 -c 64 -t 1"));
+  const int deep = 100000;
+  const std::string nest = std::string(deep, '[') + std::string(deep, ']');
+  struct Case {
+    std::string path, body;
+  } cases[] = {
+      {"/v1/completions", nest},
+      {"/v1/completions", R"({"prompt": "a", "stop": )" + nest + "}"},
+      {"/v1/chat/completions", R"({"messages": [{"role": "user", "content": )" + nest + "}]}"},
+      // Brackets inside a string are text: this one fails on max_tokens, not on its depth.
+      {"/v1/completions", R"({"max_tokens": 0, "prompt": ")" + std::string(deep, '[') + R"("})"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.body.substr(0, 40));
+    auto r = Post(server, c.path, c.body);
+    ASSERT_TRUE(r) << "no answer (the server died?):\n" << server.Log().substr(0, 2000);
+    EXPECT_EQ(r->status, 400);
+    if (&c == &cases[3]) {
+      EXPECT_EQ(ErrorOf(r)["param"], "max_tokens") << r->body;
+    } else {
+      EXPECT_EQ(ErrorOf(r)["code"], "invalid_json");
+      EXPECT_THAT(ErrorOf(r)["message"].get<std::string>(), HasSubstr("levels deep, more than 512")) << r->body;
+    }
+  }
+  EXPECT_TRUE(server.Healthy());
+  EXPECT_EQ(server.Stop(), 0) << server.Log();
+}
+
 // One token of answer leaves the slot holding exactly the prompt (the sampled token is not fed
 // back); a prompt that extends it then reuses every one of those tokens.
 TEST(ServeE2E, TheNextRequestReusesTheSlotsPrefix) {

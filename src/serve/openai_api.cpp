@@ -1,5 +1,6 @@
 #include "serve/openai_api.h"
 
+#include <algorithm>
 #include <cctype>
 #include <cmath>
 #include <limits>
@@ -163,7 +164,32 @@ Status ReadLimits(const json& body, const RequestLimits& limits, CompletionReque
 
 }  // namespace
 
+size_t JsonNestingDepth(const std::string& text) {
+  size_t depth = 0, deepest = 0;
+  bool in_string = false;
+  for (size_t i = 0; i < text.size(); ++i) {
+    const char c = text[i];
+    if (in_string) {
+      if (c == '\\') ++i;  // the escaped character cannot end the string
+      else if (c == '"') in_string = false;
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      deepest = std::max(deepest, ++depth);
+    } else if ((c == ']' || c == '}') && depth > 0) {
+      --depth;
+    }
+  }
+  return deepest;
+}
+
 StatusOr<CompletionRequest> ParseCompletionRequest(const std::string& body, bool chat, const RequestLimits& limits) {
+  // Checked before parsing: printing a value in an error message (and nlohmann's dump) recurses
+  // once per level, so 100,000 levels would overflow the connection thread's stack.
+  const size_t depth = JsonNestingDepth(body);
+  if (depth > kMaxJsonDepth)
+    return InvalidArgument("invalid JSON: nested " + std::to_string(depth) + " levels deep, more than " +
+                           std::to_string(kMaxJsonDepth) + " (arrays and objects inside each other)");
   json j = json::parse(body, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded()) return InvalidArgument("invalid JSON: the request body does not parse as JSON");
   if (!j.is_object()) return InvalidArgument("invalid JSON: the request body must be a JSON object, got " + Shown(j));

@@ -34,10 +34,16 @@ struct CompletionRequest {
   std::string model;                  // as given (any name is served by the one model)
 };
 
+// The deepest nesting of arrays and objects in a JSON text (brackets inside strings do not count);
+// a scan, so it cannot recurse.
+size_t JsonNestingDepth(const std::string& text);
+// Requests nested deeper are refused before they are parsed (real requests nest 4 levels).
+inline constexpr size_t kMaxJsonDepth = 512;
+
 // Parses a request body. InvalidArgument whose message starts with the field at fault
 // ("max_tokens: expected an integer >= 1, got -3"; "messages[1].content: ...") or, for a body
-// that is not a JSON object, with "invalid JSON". Defaults follow `dynakv generate`
-// (temperature 0.8, top_k 40, top_p 0.95).
+// that is not a JSON object or nests deeper than kMaxJsonDepth, with "invalid JSON". Defaults
+// follow `dynakv generate` (temperature 0.8, top_k 40, top_p 0.95).
 StatusOr<CompletionRequest> ParseCompletionRequest(const std::string& body, bool chat, const RequestLimits& limits);
 
 // An OpenAI-style error: {"error": {"message", "type", "param", "code"}} with an HTTP status.
