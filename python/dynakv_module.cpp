@@ -78,11 +78,21 @@ T Take(StatusOr<T> v) {
 
 // ---- Small conversions -------------------------------------------------------------------------
 
+// A path or flag value goes to C functions as a C string: an embedded NUL would silently cut it
+// (open() refuses it with ValueError, and so do we).
+void CheckNoNul(const std::string& text, const std::string& what) {
+  const size_t at = text.find('\0');
+  if (at != std::string::npos)
+    BadArg(what + ": embedded null character at index " + std::to_string(at) + " of " + std::to_string(text.size()));
+}
+
 // str, bytes or os.PathLike -> a path.
 std::string PathArg(const py::handle& obj, const char* what) {
   if (obj.is_none()) BadArg(std::string(what) + ": a path is required");
   py::object p = py::module_::import("os").attr("fspath")(obj);
-  return p.cast<std::string>();
+  std::string path = p.cast<std::string>();
+  CheckNoNul(path, what);
+  return path;
 }
 
 // UTF-8 bytes -> str, bytes that are not UTF-8 replaced by U+FFFD (model output need not be valid).
@@ -105,12 +115,49 @@ size_t CompleteUtf8Prefix(const std::string& s) {
   return n;
 }
 
+// The CLI's bound on -t: more threads than that is a mistake, and the pool would fail to start them.
+constexpr int kMaxThreads = 1024;
+
 int Threads(int threads) {
-  if (threads < 0) BadArg("threads: must be 0 (all cores) or positive, found " + std::to_string(threads));
+  if (threads < 0 || threads > kMaxThreads)
+    BadArg("threads: must be 0 (all cores) or 1.." + std::to_string(kMaxThreads) + ", found " +
+           std::to_string(threads));
   if (threads > 0) return threads;
   const unsigned n = std::thread::hardware_concurrency();
-  return n == 0 ? 1 : static_cast<int>(n);
+  return n == 0 ? 1 : static_cast<int>(std::min<unsigned>(n, kMaxThreads));
 }
+
+// Ctrl-C during a long call. Python runs its signal handlers only between bytecodes, and the call
+// runs without the GIL, so it asks for them itself (taking the GIL for that moment, at most every
+// 50 ms) between tokens or chunks. When a handler raised (KeyboardInterrupt), the call stops and the
+// exception stays pending in this thread's state until RaiseIfInterrupted throws it.
+class SignalCheck {
+ public:
+  // Without the GIL. False once a handler has raised.
+  bool Continue() {
+    if (raised_) return false;
+    const auto now = std::chrono::steady_clock::now();
+    if (now < next_) return true;
+    next_ = now + std::chrono::milliseconds(50);
+    py::gil_scoped_acquire gil;
+    raised_ = PyErr_CheckSignals() != 0;
+    return !raised_;
+  }
+  // For progress callbacks, which cannot say "stop": unwinds the library call to the catch
+  // beside it (the library's state is all RAII, and the cache is cleared by the next call).
+  void ThrowIfInterrupted() {
+    if (!Continue()) throw Interrupted{};
+  }
+  // With the GIL, after the call: the handler's exception, if one raised.
+  void RaiseIfInterrupted() const {
+    if (raised_) throw py::error_already_set();
+  }
+  struct Interrupted {};
+
+ private:
+  std::chrono::steady_clock::time_point next_ = std::chrono::steady_clock::now();
+  bool raised_ = false;
+};
 
 void CheckChunks(int chunks) {
   if (chunks == 0 || chunks < -1) BadArg("chunks: must be -1 (all) or positive, found " + std::to_string(chunks));
@@ -137,6 +184,12 @@ struct PyModel {
                " is outside the vocabulary [0, " + std::to_string(c().n_vocab) + ")");
   }
 };
+
+// pybind11 passes None as an empty pointer: every function that takes a model checks it here.
+const std::shared_ptr<PyModel>& NeedModel(const std::shared_ptr<PyModel>& model) {
+  if (!model) throw py::type_error("model: expected a dynakv.Model, got None");
+  return model;
+}
 
 std::shared_ptr<PyModel> LoadModel(const py::object& path_obj) {
   auto pm = std::make_shared<PyModel>();
@@ -200,6 +253,7 @@ void SetFlag(KvConfig& config, const std::string& key, const py::handle& value) 
   } else {
     text = py::str(value).cast<std::string>();  // numbers: Python's shortest round-trip text
   }
+  CheckNoNul(text, flag);
   config.Set(flag, text);
 }
 
@@ -263,7 +317,7 @@ std::shared_ptr<PyCache> MakeCache(const std::shared_ptr<PyModel>& model, const 
 
 std::shared_ptr<PyCache> NewCache(const std::shared_ptr<PyModel>& model, const std::string& kv,
                                   const std::string& evict, const py::object& capacity, const py::kwargs& flags) {
-  if (!model) BadArg("model: a dynakv.Model is required");
+  NeedModel(model);
   KvConfig config;
   config.method = kv;
   config.evict = evict;
@@ -336,6 +390,7 @@ const char* StopReason(bool eog, bool capacity) { return eog ? "eog" : capacity 
 py::dict Generate(const std::shared_ptr<PyModel>& model, const py::object& prompt,
                   const std::shared_ptr<PyCache>& cache_arg, int n_predict, double temperature, int top_k,
                   double top_p, uint64_t seed, int threads, int ctx, int batch) {
+  NeedModel(model);
   const GenerateArgs a = CheckGenerateArgs(n_predict, temperature, top_k, top_p, seed, threads, batch);
   const std::vector<int32_t> tokens = PromptTokens(*model, prompt);
   auto pc = CacheFor(model, cache_arg, KvConfig{}, ContextFor(*model, ctx));
@@ -344,6 +399,7 @@ py::dict Generate(const std::shared_ptr<PyModel>& model, const py::object& promp
   std::vector<int32_t> out;
   std::string text;
   StatusOr<GenerateStats> stats = Status(Code::kInternal, "not run");
+  SignalCheck signals;
   {
     py::gil_scoped_release nogil;
     pc->cache->Clear();
@@ -353,9 +409,10 @@ py::dict Generate(const std::shared_ptr<PyModel>& model, const py::object& promp
     stats = dk::Generate(m, tokens, a.n_predict, a.batch, *pc->cache, sampler, pool, [&](int32_t tok) {
       out.push_back(tok);
       if (!m.tokenizer().IsEog(tok)) text += m.tokenizer().TokenToPiece(tok);
-      return true;
+      return signals.Continue();
     });
   }
+  signals.RaiseIfInterrupted();
   const GenerateStats s = Take(std::move(stats));
   return py::dict(py::arg("text") = Utf8(text), py::arg("tokens") = out, py::arg("n_prompt") = s.n_prompt,
                   py::arg("n_decoded") = s.n_decoded, py::arg("prefill_seconds") = s.prefill_seconds,
@@ -529,6 +586,7 @@ class PyStream {
 std::shared_ptr<PyStream> GenerateStream(const std::shared_ptr<PyModel>& model, const py::object& prompt,
                                          const std::shared_ptr<PyCache>& cache_arg, int n_predict, double temperature,
                                          int top_k, double top_p, uint64_t seed, int threads, int ctx, int batch) {
+  NeedModel(model);
   const GenerateArgs a = CheckGenerateArgs(n_predict, temperature, top_k, top_p, seed, threads, batch);
   std::vector<int32_t> tokens = PromptTokens(*model, prompt);
   auto pc = CacheFor(model, cache_arg, KvConfig{}, ContextFor(*model, ctx));
@@ -540,6 +598,7 @@ std::shared_ptr<PyStream> GenerateStream(const std::shared_ptr<PyModel>& model, 
 py::dict Perplexity(const std::shared_ptr<PyModel>& model, const std::string& text,
                     const std::shared_ptr<PyCache>& cache_arg, int ctx, int chunks, bool kl, int threads, int batch,
                     const py::object& prompt_then_decode, int decode_batch) {
+  NeedModel(model);
   if (ctx < 4) BadArg("ctx: the context size must be at least 4, found " + std::to_string(ctx));
   if (batch < 1) BadArg("batch: must be positive, found " + std::to_string(batch));
   if (decode_batch < 1) BadArg("decode_batch: must be positive, found " + std::to_string(decode_batch));
@@ -560,12 +619,18 @@ py::dict Perplexity(const std::shared_ptr<PyModel>& model, const std::string& te
   const PerplexityOptions opt{ctx, batch, chunks, ptd, decode_batch};
   CacheLock lock(*pc, CacheLock::kWrite);
   StatusOr<PerplexityResult> result = Status(Code::kInternal, "not run");
+  SignalCheck signals;
   {
     py::gil_scoped_release nogil;
     ThreadPool pool(n_threads);
     ConfigureBlasFor(n_threads);
-    result = ComputePerplexity(model->m(), tokens, *pc->cache, reference ? reference->cache.get() : nullptr, opt, pool);
+    try {
+      result = ComputePerplexity(model->m(), tokens, *pc->cache, reference ? reference->cache.get() : nullptr, opt,
+                                 pool, [&](int, int, double) { signals.ThrowIfInterrupted(); });
+    } catch (const SignalCheck::Interrupted&) {
+    }
   }
+  signals.RaiseIfInterrupted();
   const PerplexityResult r = Take(std::move(result));
   py::object none = py::none();
   return py::dict(
@@ -582,6 +647,7 @@ py::dict Perplexity(const std::shared_ptr<PyModel>& model, const std::string& te
 
 py::dict CalibrateProfile(const std::shared_ptr<PyModel>& model, const std::string& text, const py::object& out_path,
                           int ctx, int chunks, const std::optional<std::vector<int>>& levels, int threads, int batch) {
+  NeedModel(model);
   if (ctx < 2) BadArg("ctx: the context size must be at least 2, found " + std::to_string(ctx));
   if (batch < 1) BadArg("batch: must be positive, found " + std::to_string(batch));
   CheckChunks(chunks);
@@ -597,15 +663,20 @@ py::dict CalibrateProfile(const std::shared_ptr<PyModel>& model, const std::stri
   StatusOr<DynaKvProfile> profile = Status(Code::kInternal, "not run");
   Status saved;
   double seconds = 0.0;
+  SignalCheck signals;
   {
     py::gil_scoped_release nogil;
     ThreadPool pool(n_threads);
     ConfigureBlasFor(n_threads);
     const auto t0 = std::chrono::steady_clock::now();
-    profile = Calibrate(model->m(), tokens, opt, pool);
+    try {
+      profile = Calibrate(model->m(), tokens, opt, pool, [&](int, int) { signals.ThrowIfInterrupted(); });
+    } catch (const SignalCheck::Interrupted&) {
+    }
     seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    if (profile.ok() && !path.empty()) saved = SaveProfile(*profile, path);
+    if (profile.ok() && !path.empty() && signals.Continue()) saved = SaveProfile(*profile, path);
   }
+  signals.RaiseIfInterrupted();
   const DynaKvProfile p = Take(std::move(profile));
   Check(saved);
   py::list k, v;
@@ -642,6 +713,7 @@ py::dict Passkey(const std::shared_ptr<PyModel>& model, const std::string& text,
                  const std::shared_ptr<PyCache>& cache_arg, const std::optional<std::vector<int>>& lengths,
                  const std::optional<std::vector<double>>& depths, int per_cell, uint64_t seed, int n_predict, int ctx,
                  int threads) {
+  NeedModel(model);
   PasskeyOptions opt;
   if (lengths) opt.lengths = *lengths;
   if (depths) opt.depths = *depths;
@@ -662,12 +734,18 @@ py::dict Passkey(const std::shared_ptr<PyModel>& model, const std::string& text,
   auto pc = CacheFor(model, cache_arg, KvConfig{}, n_ctx);
   CacheLock lock(*pc, CacheLock::kWrite);
   StatusOr<std::vector<PasskeyResult>> results = Status(Code::kInternal, "not run");
+  SignalCheck signals;
   {
     py::gil_scoped_release nogil;
     ThreadPool pool(n_threads);
     ConfigureBlasFor(n_threads);
-    results = RunPasskey(model->m(), made, opt.n_predict, *pc->cache, pool);
+    try {
+      results = RunPasskey(model->m(), made, opt.n_predict, *pc->cache, pool,
+                           [&](int, const PasskeyResult&) { signals.ThrowIfInterrupted(); });
+    } catch (const SignalCheck::Interrupted&) {
+    }
   }
+  signals.RaiseIfInterrupted();
   const std::vector<PasskeyResult> rs = Take(std::move(results));
   const PasskeySummary s = SummarizePasskey(rs);
   py::list list;

@@ -10,10 +10,12 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 import unittest
 
 import numpy as np
@@ -398,6 +400,72 @@ class ErrorTest(Base):
         self.assertRaisesWith(ValueError, "--levels", dynakv.calibrate, m, "text", None, levels=[8, 4])
         self.assertRaisesWith(ValueError, "--depths", dynakv.passkey, m, self.valid, depths=[1.5])
         self.assertRaisesWith(ValueError, "ids", m.detokenize, [-1])
+
+    def test_hostile_arguments(self):
+        m = self.m
+        # None for the model: each call once crashed the interpreter (only Cache checked).
+        calls = [
+            lambda: dynakv.generate(None, "x", n_predict=2),
+            lambda: dynakv.generate_stream(None, "x", n_predict=2),
+            lambda: dynakv.perplexity(None, self.valid, ctx=64, chunks=1),
+            lambda: dynakv.calibrate(None, read_bytes(CALIB)[:20000], None, ctx=64, chunks=1),
+            lambda: dynakv.passkey(None, self.valid, per_cell=1),
+            lambda: dynakv.Cache(None),
+        ]
+        for call in calls:
+            self.assertRaisesWith(TypeError, "model: expected a dynakv.Model, got None", call)
+        # The CLI's bound on -t (100000 threads aborted the interpreter).
+        for fn, args in [(dynakv.generate, (m, "x")), (dynakv.generate_stream, (m, "x")),
+                         (dynakv.perplexity, (m, self.valid)), (dynakv.passkey, (m, self.valid))]:
+            self.assertRaisesWith(ValueError, "threads: must be 0 (all cores) or 1..1024, found 100000", fn, *args,
+                                  threads=100000)
+        self.assertRaisesWith(ValueError, "1..1024", dynakv.calibrate, m, "text", None, threads=1025)
+        self.assertEqual(len(dynakv.generate(m, "x", n_predict=2, threads=1024)["tokens"]), 2)
+        # A path with a NUL in it is refused, as open() refuses it (it loaded the file its prefix names).
+        with self.assertRaises(ValueError):
+            open(MODEL + "\0.txt", "rb")
+        self.assertRaisesWith(ValueError, "embedded null character", dynakv.Model, MODEL + "\0.txt")
+        self.assertRaisesWith(ValueError, "embedded null character", dynakv.Model, os.fsencode(MODEL) + b"\0")
+        out = os.path.join(tempfile.mkdtemp(prefix="dynakv_py_nul_"), "p.dkv")
+        self.assertRaisesWith(ValueError, "out_path: embedded null", dynakv.calibrate, m, read_bytes(CALIB)[:20000],
+                              out + "\0x", ctx=64, chunks=1)
+        self.assertFalse(os.path.exists(out))
+        self.assertRaisesWith(ValueError, "--profile: embedded null", dynakv.Cache, m, kv="dynakv",
+                              profile=self.profile() + "\0")
+
+
+class InterruptTest(Base):
+    """Ctrl-C (SIGINT) stops a long call within moments, as it stops Python code; before, generate and
+    perplexity ran to their end (seconds to hours) and only then raised KeyboardInterrupt."""
+
+    def interrupted_after(self, fn, delay=0.3):
+        """Sends SIGINT to this process after delay seconds; returns the seconds fn ran until it raised."""
+        timer = threading.Timer(delay, os.kill, (os.getpid(), signal.SIGINT))
+        t0 = time.monotonic()
+        timer.start()
+        try:
+            with self.assertRaises(KeyboardInterrupt):
+                fn()
+            return time.monotonic() - t0
+        finally:
+            timer.cancel()
+
+    def test_ctrl_c_stops_long_calls(self):
+        m = self.m
+        # Each takes well over 10 s uninterrupted on 2 cores: the whole valid.txt at ctx 1024 (about
+        # 50 s), and greedy decoding of the v3 model until its 4096-token context is full (about 17 s).
+        v3 = dynakv.Model(os.path.join(DATA, "eval-llama-27M-v3-f16.gguf"))
+        calls = {
+            "perplexity": lambda: dynakv.perplexity(m, self.valid, ctx=1024, threads=1),
+            "generate": lambda: dynakv.generate(v3, "And it came to pass", n_predict=100000, ctx=4096, threads=1),
+            "calibrate": lambda: dynakv.calibrate(m, self.valid, None, ctx=512, threads=1),
+            "passkey": lambda: dynakv.passkey(m, self.valid, per_cell=20, threads=1),
+        }
+        for name, call in calls.items():
+            with self.subTest(name):
+                self.assertLess(self.interrupted_after(call), 3.0)
+        # The model is fine afterwards.
+        self.assertEqual(len(dynakv.generate(m, "In the beginning", n_predict=4)["tokens"]), 4)
 
 
 if __name__ == "__main__":
