@@ -134,6 +134,24 @@ std::string BaseName(const std::string& path) {
   return slash == std::string::npos ? path : path.substr(slash + 1);
 }
 
+// httplib's own refusals (unknown route, body too large, malformed request) as OpenAI errors.
+ApiError HttpError(const httplib::Request& req, int status, size_t max_body) {
+  ApiError e;
+  e.http_status = status;
+  if (status == 413) {
+    e.message = "the request body is larger than " + std::to_string(max_body) + " bytes (--max-body)";
+    e.code = "payload_too_large";
+  } else if (status == 404) {
+    e.message = "no route for " + Printable(req.method, 16) + " " + Printable(req.path, 100);
+    e.type = "not_found_error";
+    e.code = "not_found";
+  } else {
+    e.message = "HTTP " + std::to_string(status) + (status == 400 ? ": malformed request" : "");
+    if (status >= 500) e.type = "server_error";
+  }
+  return e;
+}
+
 }  // namespace
 
 // One accepted generation request, from its slot lease to its last byte.
@@ -185,9 +203,13 @@ struct Server::Impl {
   void Health(httplib::Response& res) const;
   void Metrics(httplib::Response& res) const;
   void Models(httplib::Response& res) const;
-  void Complete(const httplib::Request& req, httplib::Response& res, bool chat_api);
+  void Complete(const httplib::Request& req, httplib::Response& res, const httplib::ContentReader& reader,
+                bool chat_api);
+  std::optional<ApiError> ReadBody(const httplib::ContentReader& reader, httplib::Response& res,
+                                   std::string* body) const;
   std::optional<ApiError> Tokenize(const CompletionRequest& r, std::vector<int32_t>* tokens) const;
-  std::optional<ApiError> Accept(const httplib::Request& req, bool chat_api, GenerationJob* job, bool* stream);
+  std::optional<ApiError> Accept(const httplib::Request& req, const std::string& body, bool chat_api,
+                                 GenerationJob* job, bool* stream);
   bool KeepGoing(GenerationJob& job) const;
   void RunWhole(GenerationJob& job, httplib::Response& res);
   void RunStream(GenerationJob& job, httplib::DataSink& sink);
@@ -276,10 +298,10 @@ std::optional<ApiError> Server::Impl::Tokenize(const CompletionRequest& r, std::
 }
 
 // Parses, tokenizes and queues a request; on success the job holds a slot.
-std::optional<ApiError> Server::Impl::Accept(const httplib::Request& req, bool chat_api, GenerationJob* job,
-                                            bool* stream) {
+std::optional<ApiError> Server::Impl::Accept(const httplib::Request& req, const std::string& body, bool chat_api,
+                                            GenerationJob* job, bool* stream) {
   if (std::optional<ApiError> e = Admission()) return e;
-  StatusOr<CompletionRequest> parsed = ParseCompletionRequest(req.body, chat_api, limits);
+  StatusOr<CompletionRequest> parsed = ParseCompletionRequest(body, chat_api, limits);
   if (!parsed.ok()) return BadRequest(parsed.status());
   const CompletionRequest& r = *parsed;
   if (std::optional<ApiError> e = Tokenize(r, &job->prompt)) return e;
@@ -320,11 +342,50 @@ bool Server::Impl::KeepGoing(GenerationJob& job) const {
   return job.why == Cancel::kNone;
 }
 
-void Server::Impl::Complete(const httplib::Request& req, httplib::Response& res, bool chat_api) {
+// The body, read here rather than by httplib: httplib 0.11 holds a Content-Length body to
+// --max-body (set_payload_max_length: 413 before reading it) but reads a chunked one whole, however
+// large. Past max_body the bytes are dropped, not kept; up to kDrainBytes more are read so that a
+// client that sends its whole body before reading the answer still gets the 413, then the reading
+// stops and the connection is closed.
+std::optional<ApiError> Server::Impl::ReadBody(const httplib::ContentReader& reader, httplib::Response& res,
+                                               std::string* body) const {
+  constexpr size_t kDrainBytes = 16u << 20;
+  bool too_large = false;
+  size_t dropped = 0;
+  const bool read = reader([&](const char* data, size_t n) {
+    if (!too_large && n <= opt.max_body - body->size()) {
+      body->append(data, n);
+      return true;
+    }
+    if (!too_large) {
+      too_large = true;
+      dropped = body->size();
+      std::string().swap(*body);
+    }
+    dropped += n;
+    return dropped - opt.max_body <= kDrainBytes;
+  });
+  if (too_large || res.status == 413) {  // 413: a Content-Length over the limit, refused by httplib
+    if (!read) res.set_header("Connection", "close");  // the rest of the body was never read
+    return HttpError(httplib::Request(), 413, opt.max_body);
+  }
+  if (!read) {
+    res.set_header("Connection", "close");
+    return BadRequest(InvalidArgument("invalid request: the body could not be read (malformed chunked encoding or "
+                                      "a dropped connection)"),
+                      "bad_body");
+  }
+  return std::nullopt;
+}
+
+void Server::Impl::Complete(const httplib::Request& req, httplib::Response& res, const httplib::ContentReader& reader,
+                            bool chat_api) {
   auto job = std::make_shared<GenerationJob>();
   job->flight = Track();
   bool stream = false;
-  if (std::optional<ApiError> e = Accept(req, chat_api, job.get(), &stream)) return Send(res, *e);
+  std::string body;
+  if (std::optional<ApiError> e = ReadBody(reader, res, &body)) return Send(res, *e);
+  if (std::optional<ApiError> e = Accept(req, body, chat_api, job.get(), &stream)) return Send(res, *e);
   if (!stream) return RunWhole(*job, res);
   // The provider runs after this handler returns, on the same thread; it owns the job (and so
   // the slot) until the stream ends or the connection is dropped.
@@ -387,36 +448,19 @@ void Server::Impl::RunStream(GenerationJob& job, httplib::DataSink& sink) {
   if (job.why != Cancel::kGone) sink.done();
 }
 
-namespace {
-
-// httplib's own refusals (unknown route, body too large, malformed request) as OpenAI errors.
-ApiError HttpError(const httplib::Request& req, int status, size_t max_body) {
-  ApiError e;
-  e.http_status = status;
-  if (status == 413) {
-    e.message = "the request body is larger than " + std::to_string(max_body) + " bytes (--max-body)";
-    e.code = "payload_too_large";
-  } else if (status == 404) {
-    e.message = "no route for " + Printable(req.method, 16) + " " + Printable(req.path, 100);
-    e.type = "not_found_error";
-    e.code = "not_found";
-  } else {
-    e.message = "HTTP " + std::to_string(status) + (status == 400 ? ": malformed request" : "");
-    if (status >= 500) e.type = "server_error";
-  }
-  return e;
-}
-
-}  // namespace
-
 void Server::Impl::Routes() {
   using httplib::Request;
   using httplib::Response;
   http.Get("/health", [this](const Request&, Response& res) { Health(res); });
   http.Get("/metrics", [this](const Request&, Response& res) { Metrics(res); });
   http.Get("/v1/models", [this](const Request&, Response& res) { Models(res); });
-  http.Post("/v1/completions", [this](const Request& req, Response& res) { Complete(req, res, false); });
-  http.Post("/v1/chat/completions", [this](const Request& req, Response& res) { Complete(req, res, true); });
+  using httplib::ContentReader;
+  http.Post("/v1/completions", [this](const Request& req, Response& res, const ContentReader& reader) {
+    Complete(req, res, reader, false);
+  });
+  http.Post("/v1/chat/completions", [this](const Request& req, Response& res, const ContentReader& reader) {
+    Complete(req, res, reader, true);
+  });
   http.set_error_handler(httplib::Server::HandlerWithResponse([this](const Request& req, Response& res) {
     if (!res.body.empty()) return httplib::Server::HandlerResponse::Unhandled;  // ours already
     res.set_content(HttpError(req, res.status, opt.max_body).Body(), "application/json");
