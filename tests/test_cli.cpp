@@ -2,7 +2,15 @@
 #include <gtest/gtest.h>
 #include <gmock/gmock.h>
 
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
 #include <fstream>
+#include <thread>
+#include <vector>
 
 #include "test_util.h"
 
@@ -86,6 +94,43 @@ TEST(Cli, MakeGgufChecksFreeSpaceFirst) {
   EXPECT_EQ(r.exit_code, 1) << r.err;
   EXPECT_THAT(r.err, HasSubstr("are free in"));
   EXPECT_FALSE(std::ifstream(out).good());
+}
+
+// make-gguf killed while it writes (Ctrl-C, SIGTERM) leaves neither the output nor a temporary
+// file behind; it left OUT.tmp-<pid> files of hundreds of MB.
+TEST(Cli, MakeGgufKilledMidwayLeavesNothing) {
+  for (const int sig : {SIGINT, SIGTERM}) {
+    SCOPED_TRACE(sig == SIGINT ? "SIGINT" : "SIGTERM");
+    const std::string dir = ::testing::TempDir() + "dk_make_kill_" + std::to_string(::getpid()) + "_" +
+                            std::to_string(sig);
+    ASSERT_TRUE(std::filesystem::create_directories(dir));
+    const std::string out = dir + "/out.gguf", log = dir + ".log";
+    // 1.24 GiB (about 3 s to write here): the kill comes while the tensors are being written.
+    const std::string cmd = "exec " + std::string(DK_CLI_PATH) + " make-gguf -o " + out +
+                            " --shape llama2-7b --type f16 --layers 2 >" + log + " 2>&1 </dev/null";
+    const pid_t pid = fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      execl("/bin/sh", "sh", "-c", cmd.c_str(), static_cast<char*>(nullptr));
+      _exit(127);
+    }
+    // Its announcement comes after the checks, just before the writing starts.
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    while (test::ReadText(log).find("make-gguf: llama2-7b") == std::string::npos &&
+           std::chrono::steady_clock::now() < until)
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    kill(pid, sig);
+    int status = 0;
+    waitpid(pid, &status, 0);
+    ASSERT_TRUE(WIFSIGNALED(status)) << "make-gguf ended before the kill (exit " << WEXITSTATUS(status)
+                                     << "): nothing was shown\n" << test::ReadText(log);
+    std::vector<std::string> left;
+    for (const auto& e : std::filesystem::directory_iterator(dir)) left.push_back(e.path().filename().string());
+    EXPECT_THAT(left, ::testing::IsEmpty());
+    std::filesystem::remove_all(dir);
+    std::remove(log.c_str());
+  }
 }
 
 TEST(Cli, UnknownFlagIsOneLineAndExit2) {

@@ -141,13 +141,13 @@ Status CheckWritableFile(const std::string& path) {
 // Linux's O_TMPFILE makes a nameless file in the target's folder, linked into place only once
 // complete: a process killed mid-write leaves nothing behind. Filesystems without it get a named
 // temporary file (path.tmp.<pid>) that is renamed, and removed on every error.
-Status WriteFileAtomically(const std::string& path, const void* bytes, size_t size) {
+Status WriteFileAtomicallyWith(const std::string& path, const std::function<Status(int fd)>& write) {
   DK_RETURN_IF_ERROR(CheckExistingName(path));
   const std::string dir = FolderOf(path);
 #ifdef O_TMPFILE
   const int tfd = ::open(dir.c_str(), O_TMPFILE | O_WRONLY | O_CLOEXEC, 0644);
   if (tfd >= 0) {
-    Status s = WriteAll(tfd, bytes, size, path);
+    Status s = write(tfd);
     if (s.ok() && ::fsync(tfd) != 0) s = IoError(path + ": fsync failed: " + std::strerror(errno));
     if (s.ok()) {
       // linkat cannot replace an existing name: link under a temporary name, then rename over.
@@ -170,12 +170,16 @@ Status WriteFileAtomically(const std::string& path, const void* bytes, size_t si
   const std::string tmp = path + ".tmp." + std::to_string(::getpid());
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) return IoError(path + ": cannot create a file in " + dir + ": " + std::strerror(errno));
-  Status s = WriteAll(fd, bytes, size, path);
+  Status s = write(fd);
   if (s.ok() && ::fsync(fd) != 0) s = IoError(path + ": fsync failed");
   if (::close(fd) != 0 && s.ok()) s = IoError(path + ": close failed");
   if (s.ok() && ::rename(tmp.c_str(), path.c_str()) != 0) s = IoError(path + ": rename failed: " + std::strerror(errno));
   if (!s.ok()) ::unlink(tmp.c_str());
   return s;
+}
+
+Status WriteFileAtomically(const std::string& path, const void* bytes, size_t size) {
+  return WriteFileAtomicallyWith(path, [&](int fd) { return WriteAll(fd, bytes, size, path); });
 }
 
 StatusOr<std::string> ReadWholeFile(const std::string& path, size_t max_bytes) {

@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -40,6 +41,10 @@ class MappedFile {
 // A name that is there must be a regular file (a folder, device or pipe is refused: renaming over
 // /dev/null would replace the device).
 Status WriteFileAtomically(const std::string& path, const void* bytes, size_t size);
+// The same for a file too large to hold in memory: `write` streams it to the open descriptor
+// (its errors name what failed). Nothing named is left behind when the process is killed meanwhile
+// (where O_TMPFILE exists).
+Status WriteFileAtomicallyWith(const std::string& path, const std::function<Status(int fd)>& write);
 // Whether WriteFileAtomically(path, ...) can succeed, checked before the work that produces the
 // bytes: the name is not a folder, device or pipe, its folder exists, and a file can be made there
 // (tried for real: a nameless file, or a temporary one removed at once). IoError naming the path

@@ -1,8 +1,8 @@
 // dynakv make-gguf: a random-weight Llama-architecture GGUF of a real model's shapes (llama3-8b,
 // llama2-7b, qwen2-7b) or custom ones, in f32, f16, q8_0 or q4_0, so decode speed in the
 // memory-bound regime can be measured (and compared with llama.cpp) without downloading weights.
-// The data is streamed to a temporary file in the output's folder and renamed into place; the free
-// space is checked first.
+// The data is streamed to a nameless file in the output's folder and linked into place when complete
+// (core's WriteFileAtomicallyWith); the free space is checked first.
 #include <fcntl.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "core/fp16.h"
+#include "core/mapped_file.h"
 #include "model/ggml_types.h"
 #include "model/gguf.h"
 #include "tools/common.h"
@@ -397,29 +398,20 @@ int CmdMakeGguf(int argc, char** argv) {
                shape_name.c_str(), type_name.c_str(), s.n_layer, s.n_embd, s.n_ff, s.n_head, s.n_head_kv, s.n_vocab,
                tensors.size(), HumanBytes(total).c_str());
 
-  // Stream into a temporary file beside the output, then rename it into place.
-  const std::string tmp = out_path + ".tmp-" + std::to_string(::getpid());
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return Fail("make-gguf", IoError(tmp + ": cannot create: " + std::strerror(errno)));
-  auto body = [&]() -> Status {
-    DK_RETURN_IF_ERROR(WriteAll(fd, head.data(), head.size(), tmp));
+  // Streamed into a nameless file beside the output, linked into place when complete (as every
+  // writer of the library does): a make-gguf killed midway leaves no partial file behind.
+  const Status st = WriteFileAtomicallyWith(out_path, [&](int fd) -> Status {
+    DK_RETURN_IF_ERROR(WriteAll(fd, head.data(), head.size(), out_path));
     const std::vector<uint8_t> zeros(kAlign, 0);
     for (size_t i = 0; i < tensors.size(); ++i) {
-      DK_RETURN_IF_ERROR(WriteTensor(fd, tensors[i], seed, i, tmp).WithContext("tensor '" + tensors[i].name + "'"));
+      DK_RETURN_IF_ERROR(
+          WriteTensor(fd, tensors[i], seed, i, out_path).WithContext("tensor '" + tensors[i].name + "'"));
       const uint64_t pad = (kAlign - tensors[i].bytes % kAlign) % kAlign;
-      DK_RETURN_IF_ERROR(WriteAll(fd, zeros.data(), static_cast<size_t>(pad), tmp));
+      DK_RETURN_IF_ERROR(WriteAll(fd, zeros.data(), static_cast<size_t>(pad), out_path));
     }
-    if (::fsync(fd) != 0) return IoError(tmp + ": fsync failed: " + std::strerror(errno));
     return Status::Ok();
-  };
-  Status st = body();
-  if (::close(fd) != 0 && st.ok()) st = IoError(tmp + ": close failed: " + std::strerror(errno));
-  if (st.ok() && std::rename(tmp.c_str(), out_path.c_str()) != 0)
-    st = IoError(out_path + ": cannot rename " + tmp + " into place: " + std::strerror(errno));
-  if (!st.ok()) {
-    ::unlink(tmp.c_str());
-    return Fail("make-gguf", st);
-  }
+  });
+  if (!st.ok()) return Fail("make-gguf", st);
   std::printf("wrote %s (%llu bytes)\n", out_path.c_str(), static_cast<unsigned long long>(total));
   return kExitOk;
 }
