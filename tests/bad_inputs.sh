@@ -273,6 +273,9 @@ expect "rankmap -o FOLDER" 2 "-o: $T/folder: is a folder" -- \
   "$BIN" rankmap -m "$S" -f "$TEXT" "${DKV[@]}" --profile "$PROF" -o "$T/folder"
 expect "eval --write-config MISSING/c.json" 2 "--write-config: $T/missing/c.json: folder" -- \
   "$BIN" eval -m "$S" -f "$TEXT" --profile "$PROF" --write-config "$T/missing/c.json"
+expect "eval --results /sys" 2 "--results: /sys/" -- "$BIN" eval -m "$S" -f "$TEXT" --profile "$PROF" --results /sys
+expect "export-profile -o /sys" 2 "-o: /sys/dynakv.safetensors: cannot write in folder '/sys'" -- \
+  "$BIN" export-profile "$PROF" -o /sys
 
 # kill -9 while calibrate writes its profile: the old profile stays whole (or is replaced by a
 # whole new one), and no temporary file is left.

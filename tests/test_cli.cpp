@@ -6,6 +6,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
@@ -131,6 +132,40 @@ TEST(Cli, MakeGgufKilledMidwayLeavesNothing) {
     std::filesystem::remove_all(dir);
     std::remove(log.c_str());
   }
+}
+
+// One rule for outputs that cannot be written (README, "Exit codes"): refused before the work with
+// exit 2, naming the flag, the path and the reason. eval --results and export-profile -o exited 1,
+// export-profile without the reason.
+TEST(Cli, UnwritableOutputsAreUsageErrorsWithTheReason) {
+  const std::string profile = DataPath("stories260K-v1.dkv"), text = DataPath("valid.txt");
+  const std::string file = ::testing::TempDir() + "dk_cli_not_a_folder_" + std::to_string(::getpid());
+  std::ofstream(file) << "x";
+  struct Case {
+    std::string args, needle;
+  } cases[] = {
+      {"export-profile " + profile + " -o /sys/dk-x", "-o: /sys/dk-x: cannot create the folder: "},
+      {"export-profile " + profile + " -o /sys", "-o: /sys/dynakv.safetensors: cannot write in folder '/sys': "},
+      {"export-profile " + profile + " -o " + file, "-o: " + file + ": not a folder"},
+      {"eval -m " + kStories + " -f " + text + " --profile " + profile + " --results /sys",
+       "--results: /sys/stories260K: cannot create the folder: "},
+      {"eval -m " + kStories + " -f " + text + " --profile " + profile + " --results " + file,
+       "--results: " + file + "/stories260K: cannot create the folder: "},
+      {"calibrate -m " + kStories + " -f " + text + " -o /sys/x.dkv", "-o: /sys/x.dkv: cannot write in folder '/sys': "},
+      {"passkey -m " + kStories + " -f " + text + " --json /sys/x.json", "--json: /sys/x.json: cannot write in folder"},
+  };
+  for (const Case& c : cases) {
+    const auto r = RunCli(c.args);
+    EXPECT_EQ(r.exit_code, 2) << c.args << "\n" << r.err;
+    EXPECT_THAT(r.err, HasSubstr(c.needle)) << c.args;
+    // The reason follows the needle (a strerror text), and the usage follows the one line.
+    const size_t at = r.err.find(c.needle);
+    if (at != std::string::npos && c.needle.back() == ' ') {
+      EXPECT_TRUE(std::isalpha(static_cast<unsigned char>(r.err[at + c.needle.size()]))) << r.err;
+    }
+    EXPECT_THAT(r.err, HasSubstr("usage: dynakv")) << c.args;
+  }
+  std::remove(file.c_str());
 }
 
 TEST(Cli, UnknownFlagIsOneLineAndExit2) {

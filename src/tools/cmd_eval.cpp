@@ -163,6 +163,8 @@ int CmdEval(int argc, char** argv) {
     return kExitOk;
   }
 
+  const std::string run_dir = results + "/" + spec->name;
+  if (Status s = CheckOutputFolder(run_dir, "--results", "config.json"); !s.ok()) return UsageError("eval", p, s);
   auto model = Model::Load(spec->model);
   if (!model.ok()) return Fail("eval", model.status());
   WarnAboveTrainingContext("eval", **model, spec->ppl_ctx);

@@ -1,7 +1,5 @@
 // dynakv export-profile: a profile's bases, means, levels and router as safetensors plus a JSON
 // config, for serving engines outside dynakv (docs/profile_format.md, "Export").
-#include <sys/stat.h>
-
 #include <cstdio>
 
 #include "kv/profile.h"
@@ -24,11 +22,8 @@ int CmdExportProfile(int argc, char** argv) {
   }
   if (profile_path.empty()) return UsageError("export-profile", p, InvalidArgument("PROFILE.dkv: a profile is required"));
   if (out_dir.empty()) return UsageError("export-profile", p, InvalidArgument("-o: an output folder is required"));
-  struct stat st;
-  if (::stat(out_dir.c_str(), &st) != 0 && ::mkdir(out_dir.c_str(), 0755) != 0)
-    return Fail("export-profile", IoError("-o " + out_dir + ": cannot create the folder"));
-  if (::stat(out_dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode))
-    return Fail("export-profile", InvalidArgument("-o " + out_dir + ": not a folder"));
+  if (Status s = CheckOutputFolder(out_dir, "-o", "dynakv.safetensors"); !s.ok())
+    return UsageError("export-profile", p, s);
   auto profile = LoadProfile(profile_path);
   if (!profile.ok()) return Fail("export-profile", profile.status());
   if (Status s = ExportProfile(*profile, out_dir); !s.ok()) return Fail("export-profile", s);

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <filesystem>
 #include <thread>
 
 #include "core/mapped_file.h"
@@ -25,6 +26,17 @@ int CacheError(const std::string& command, const ArgParser& parser, const Status
 Status CheckOutputPath(const std::string& path, const char* flag) {
   if (Status s = CheckWritableFile(path); !s.ok()) return InvalidArgument(std::string(flag) + ": " + s.message());
   return Status::Ok();
+}
+
+Status CheckOutputFolder(const std::string& dir, const char* flag, const std::string& first_file) {
+  namespace fs = std::filesystem;
+  if (dir.empty()) return InvalidArgument(std::string(flag) + ": an empty folder name");
+  std::error_code ec;
+  const fs::file_status st = fs::status(dir, ec);
+  if (fs::exists(st) && !fs::is_directory(st)) return InvalidArgument(std::string(flag) + ": " + dir + ": not a folder");
+  if (!fs::exists(st) && !fs::create_directories(dir, ec) && ec)
+    return InvalidArgument(std::string(flag) + ": " + dir + ": cannot create the folder: " + ec.message());
+  return CheckOutputPath((fs::path(dir) / first_file).string(), flag);
 }
 
 void WarnAboveTrainingContext(const std::string& command, const Model& model, int n_ctx, const char* flag) {

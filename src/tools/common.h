@@ -26,6 +26,10 @@ int CacheError(const std::string& command, const ArgParser& parser, const Status
 // The file a flag names (-o, --json, --log, ...) can be written: checked before the work that
 // produces it (a calibration, hours of training). InvalidArgument naming the flag and the path.
 Status CheckOutputPath(const std::string& path, const char* flag);
+// The same for a folder a flag names (eval --results, export-profile -o): created (with its parents)
+// when missing, then `first_file` in it must be writable. InvalidArgument naming the flag, the
+// folder and the reason, so every output that cannot be written is the same usage error (exit 2).
+Status CheckOutputFolder(const std::string& dir, const char* flag, const std::string& first_file);
 // A warning on stderr when a context size is above what the model was trained on.
 void WarnAboveTrainingContext(const std::string& command, const Model& model, int n_ctx, const char* flag = "-c");
 
