@@ -408,7 +408,7 @@ py::dict Generate(const std::shared_ptr<PyModel>& model, const py::object& promp
     Sampler sampler(a.sampler);
     stats = dk::Generate(m, tokens, a.n_predict, a.batch, *pc->cache, sampler, pool, [&](int32_t tok) {
       out.push_back(tok);
-      if (!m.tokenizer().IsEog(tok)) text += m.tokenizer().TokenToPiece(tok);
+      if (!m.tokenizer().IsEog(tok)) text += m.tokenizer().TokenToPiece(tok, /*special=*/false);
       return signals.Continue();
     });
   }
@@ -545,7 +545,7 @@ class PyStream {
       eog_ = true;
       return Finish();
     }
-    pending_ += m.tokenizer().TokenToPiece(tok);
+    pending_ += m.tokenizer().TokenToPiece(tok, /*special=*/false);
     if (static_cast<int>(tokens_.size()) == args_.n_predict) return Finish();
     forward_next_ = true;
     return Status::Ok();
@@ -810,18 +810,20 @@ PYBIND11_MODULE(dynakv, mod) {
           "bos"_a = true, "token ids; bos: add BOS (and EOS where the file says so), as the CLI does")
       .def(
           "detokenize",
-          [](const PyModel& p, const std::vector<int32_t>& ids) {
+          [](const PyModel& p, const std::vector<int32_t>& ids, bool special) {
             p.CheckIds(ids, "ids");
-            return Utf8(p.m().tokenizer().Decode(ids));
+            return Utf8(p.m().tokenizer().Decode(ids, special));
           },
-          "ids"_a, "text of token ids (BOS as '<s>', SentencePiece's leading space kept)")
+          "ids"_a, "special"_a = true,
+          "text of token ids (SentencePiece's leading space kept); special: control tokens as their text "
+          "(BOS as '<s>', as llama.cpp detokenizes), else left out, as generated text shows them")
       .def(
           "token_to_piece",
-          [](const PyModel& p, int32_t id) {
+          [](const PyModel& p, int32_t id, bool special) {
             p.CheckIds({id}, "id");
-            return Utf8(p.m().tokenizer().TokenToPiece(id));
+            return Utf8(p.m().tokenizer().TokenToPiece(id, special));
           },
-          "id"_a)
+          "id"_a, "special"_a = true)
       .def("__repr__", [](const PyModel& p) {
         return "<dynakv.Model '" + p.c().name + "' " + p.c().arch + ", " + std::to_string(p.c().n_layer) +
                " layers, from " + p.path + ">";

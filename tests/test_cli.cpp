@@ -192,6 +192,13 @@ TEST(Cli, BadValuesNameTheFlag) {
       {"perplexity -f x", "-m: a model file is required"},
       {"generate -m " + kStories + " -p hi --rank 8", "--rank: only meaningful with --kv dynakv"},
       {"frobnicate", "unknown command 'frobnicate'"},
+      // Ranges print their bounds as written: integers as integers (they printed as 1.67772e+07).
+      {"train-router --checkpoint-every 0", "--checkpoint-every: expected an integer in [1, 16777216], found '0'"},
+      {"serve -n 0", "-n: expected an integer in [1, 16777216], found '0'"},
+      {"generate -m " + kStories + " -p hi --top-p 2", "--top-p: expected a number in [0, 1], found '2'"},
+      {"generate -m " + kStories + " -p hi --kv dynakv --profile " + DataPath("stories260K-v1.dkv") +
+           " --latent-group -1",
+       "--latent-group: expected an integer in [0, 1048576], found '-1'"},
   };
   for (const Case& c : cases) {
     auto r = RunCli(c.args);

@@ -478,7 +478,7 @@ TEST(ServeEngine, AFreshSlotComputesWhatGenerateComputes) {
   SlotRun r = RunOn(gate, slot, prompt, Greedy(24));
   ASSERT_TRUE(r.result.ok()) << r.result.status().ToString();
   std::string want_text;
-  for (int32_t t : want) want_text += tok.IsEog(t) ? "" : tok.TokenToPiece(t);
+  for (int32_t t : want) want_text += tok.IsEog(t) ? "" : tok.TokenToPiece(t, /*special=*/false);
   EXPECT_EQ(r.text, want_text);
   EXPECT_EQ(r.result->end, EndReason::kMaxTokens);
   EXPECT_EQ(r.result->n_generated, 24);

@@ -69,9 +69,9 @@ class ServeProcess {
   }
 
   // Starts the server with `args` (shell-quoted) and waits until /health answers 200.
-  void Start(const std::string& args, double timeout_s = 60) {
+  void Start(const std::string& args, double timeout_s = 60, const std::string& model = kModel) {
     log_ = Temp("server" + std::to_string(count_++) + ".log");
-    const std::string cmd = "exec " + std::string(DK_CLI_PATH) + " serve --port 0 -m " + kModel + " " + args + " >" +
+    const std::string cmd = "exec " + std::string(DK_CLI_PATH) + " serve --port 0 -m " + model + " " + args + " >" +
                             log_ + " 2>&1 </dev/null";
     pid_ = fork();
     ASSERT_GE(pid_, 0);
@@ -134,7 +134,7 @@ std::string GenerateText(const std::string& prompt, int n, const std::string& fl
   const test::CliResult r = test::RunCli("generate -m " + kModel + " -f " + file + " --temp 0 -n " + std::to_string(n) +
                                          " " + flags);
   EXPECT_EQ(r.exit_code, 0) << r.err;
-  const std::string head = Tok().Decode(Tok().Encode(prompt, true));
+  const std::string head = Tok().Decode(Tok().Encode(prompt, true), /*special=*/false);
   EXPECT_EQ(r.out.rfind(head, 0), 0u) << r.out;
   std::string text = r.out.substr(head.size(), r.out.size() - head.size() - 1);  // and the final newline
   const std::string eos = Tok().TokenToPiece(Tok().eos_id());
@@ -177,6 +177,35 @@ TEST(ServeCli, BadFlagsAndFilesExitAsTheOtherCommands) {
     const test::CliResult r = test::RunCli(c.args);
     EXPECT_EQ(r.exit_code, c.code) << c.args << "\n" << r.err;
     EXPECT_THAT(r.err, HasSubstr(c.needle)) << c.args;
+  }
+}
+
+// An IPv6 host is printed in brackets, as a URL needs it: http://[::1]:PORT (it was http://::1:PORT).
+TEST(ServeCli, AnIpv6HostIsPrintedAsAUrl) {
+  const std::string log = Temp("ipv6.log");
+  const std::string cmd = "exec " + std::string(DK_CLI_PATH) + " serve --host ::1 --port 0 -t 1 -m " + kModel + " >" +
+                          log + " 2>&1 </dev/null";
+  const pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    execl("/bin/sh", "sh", "-c", cmd.c_str(), static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  std::string text;
+  while ((text = test::ReadText(log)).find("ready:") == std::string::npos && waitpid(pid, nullptr, WNOHANG) == 0 &&
+         std::chrono::steady_clock::now() < until)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  kill(pid, SIGTERM);
+  waitpid(pid, nullptr, 0);
+  std::remove(log.c_str());
+  if (text.find("listening on") == std::string::npos && text.find("::1") != std::string::npos)
+    GTEST_SKIP() << "no IPv6 loopback here: " << text;
+  EXPECT_THAT(text, HasSubstr("listening on http://[::1]:")) << text;
+  const size_t at = text.find("http://[::1]:");
+  if (at != std::string::npos) {
+    const int port = std::atoi(text.c_str() + at + 13);
+    EXPECT_GT(port, 0) << text;
   }
 }
 
@@ -345,6 +374,41 @@ TEST(ServeE2E, ChunkedBodiesOverMaxBodyGet413) {
   EXPECT_THAT(ErrorOf(big)["message"].get<std::string>(), HasSubstr("larger than 4000 bytes (--max-body)"));
   EXPECT_TRUE(server.Healthy());
   EXPECT_EQ(server.Stop(), 0) << server.Log();
+}
+
+// Special tokens are never text in an answer: a random-weight model of 259 tokens samples BOS and
+// <unk> often (with this seed, within 300 tokens); the answer showed them as "<s>" and "<unk>".
+TEST(ServeE2E, SpecialTokensAreNotAnswerText) {
+  const std::string tiny = Temp("tiny.gguf");
+  const test::CliResult made = test::RunCli("make-gguf -o " + tiny +
+                                            " --shape custom --layers 1 --n-embd 64 --n-ff 128 --n-head 2 "
+                                            "--n-vocab 259 --type f32");
+  ASSERT_EQ(made.exit_code, 0) << made.err;
+  ServeProcess server;
+  ASSERT_NO_FATAL_FAILURE(server.Start("--parallel 1 -c 512 -n 300 -t 1 --chat-template chatml", 60, tiny));
+  int unknown = 0;
+  for (const std::string path : {"/v1/completions", "/v1/chat/completions"}) {
+    SCOPED_TRACE(path);
+    for (const int seed : {7, 11, 13}) {
+      const std::string body = path == "/v1/completions"
+                                   ? R"({"prompt": "hello", "max_tokens": 300, "temperature": 1.0, "seed": )" +
+                                         std::to_string(seed) + "}"
+                                   : R"({"messages": [{"role": "user", "content": "hello"}], "max_tokens": 300, )"
+                                     R"("temperature": 1.0, "seed": )" + std::to_string(seed) + "}";
+      auto r = Post(server, path, body);
+      ASSERT_TRUE(r);
+      ASSERT_EQ(r->status, 200) << r->body.substr(0, 300);
+      const json answer = json::parse(r->body, nullptr, false);
+      const json& choice = answer["choices"][0];
+      const std::string text = choice.contains("text") ? choice["text"] : choice["message"]["content"];
+      EXPECT_EQ(text.find("<s>"), std::string::npos) << text;
+      EXPECT_EQ(text.find("<unk>"), std::string::npos) << text;
+      if (text.find("\u2585") != std::string::npos) ++unknown;  // <unk>, as llama.cpp shows it
+    }
+  }
+  EXPECT_GT(unknown, 0) << "no answer sampled a special token: the test shows nothing";
+  EXPECT_EQ(server.Stop(), 0) << server.Log();
+  std::remove(tiny.c_str());
 }
 
 // One token of answer leaves the slot holding exactly the prompt (the sampled token is not fed

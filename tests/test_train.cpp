@@ -410,7 +410,7 @@ TEST(TrainData, LongDocumentsAreShortenedAroundTheirKeys) {
 }
 
 TEST(TrainCheckpoint, RoundTripAndDamage) {
-  Checkpoint c{0x1234, 17, {1.0f, -2.0f, 3.5f}, {0.1f, 0.2f, 0.3f}, {1e-3f, 2e-3f, 3e-3f}};
+  Checkpoint c{0x1234, 17, {1.0f, -2.0f, 3.5f}, {0.1f, 0.2f, 0.3f}, {1e-3f, 2e-3f, 3e-3f}, std::nullopt};
   const std::string path = ::testing::TempDir() + "dk_ckpt_test.ckpt";
   ASSERT_TRUE(SaveCheckpoint(c, path).ok());
   auto r = LoadCheckpoint(path);
@@ -420,6 +420,16 @@ TEST(TrainCheckpoint, RoundTripAndDamage) {
   EXPECT_EQ(r->params, c.params);
   EXPECT_EQ(r->m, c.m);
   EXPECT_EQ(r->v, c.v);
+  EXPECT_FALSE(r->last.has_value());
+  c.last = LastStepMetrics{0.5, 0.25, 3.0, 0.3};
+  ASSERT_TRUE(SaveCheckpoint(c, path).ok());
+  r = LoadCheckpoint(path);
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  ASSERT_TRUE(r->last.has_value());
+  EXPECT_EQ(r->last->loss, 0.5);
+  EXPECT_EQ(r->last->kl, 0.25);
+  EXPECT_EQ(r->last->ce, 3.0);
+  EXPECT_EQ(r->last->fraction, 0.3);
   std::string bytes = test::ReadText(path);
   for (size_t i = 0; i < bytes.size(); ++i) {
     std::string bad = bytes;
@@ -476,6 +486,16 @@ TEST(TrainRouter, ResumedRunEqualsUninterrupted) {
   ASSERT_TRUE(rest->finished);
   EXPECT_EQ(rest->params, whole->params) << "resumed parameters differ from the uninterrupted run";
   EXPECT_EQ(SerializeProfile(rest->profile), SerializeProfile(whole->profile));
+  // Resumed once more, after its last step: nothing is trained, and the profile is the same, the
+  // last step's metrics in its training info included (they were dropped: the checkpoint held none).
+  auto again = TrainRouter(TheModel(), TheProfile(), data, o, pool);
+  ASSERT_TRUE(again.ok()) << again.status().ToString();
+  EXPECT_EQ(again->start_step, 6);
+  EXPECT_TRUE(again->history.empty());
+  ASSERT_TRUE(again->profile.router);
+  EXPECT_THAT(again->profile.router->info, HasSubstr("\"last_step\""));
+  EXPECT_EQ(again->profile.router->info, whole->profile.router->info);
+  EXPECT_EQ(SerializeProfile(again->profile), SerializeProfile(whole->profile));
 
   // A checkpoint of another configuration is refused.
   o.seed = 2;

@@ -1,5 +1,7 @@
 #include "core/status.h"
 
+#include <charconv>
+
 namespace dk {
 
 const char* CodeName(Code code) {
@@ -16,6 +18,15 @@ const char* CodeName(Code code) {
     case Code::kInternal: return "internal error";
   }
   return "unknown";
+}
+
+std::string RangeText(double lo, double hi) {
+  auto text = [](double x) {
+    char buf[64];
+    const std::to_chars_result r = std::to_chars(buf, buf + sizeof(buf), x);  // shortest round trip
+    return std::string(buf, r.ptr);
+  };
+  return "[" + text(lo) + ", " + text(hi) + "]";
 }
 
 std::string Printable(const std::string& text, size_t max_chars) {

@@ -26,6 +26,9 @@ const char* CodeName(Code code);
 // `text` safe to print in a message: printable ASCII kept, everything else (control characters,
 // escape sequences, NUL, bytes >= 0x7f) as \xNN, and at most max_chars of it.
 std::string Printable(const std::string& text, size_t max_chars = 200);
+// "[lo, hi]" for messages, each bound as its shortest text that reads back the same: integers as
+// integers ([1, 16777216], not [1, 1.67772e+07]), fractions as written ([0, 0.95]).
+std::string RangeText(double lo, double hi);
 
 class [[nodiscard]] Status {
  public:

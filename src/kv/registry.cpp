@@ -6,7 +6,6 @@
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
-#include <sstream>
 
 namespace dk {
 
@@ -31,12 +30,6 @@ const KvMethod* FindKvMethod(const std::string& name) {
 }
 
 namespace {
-
-std::string Range(double lo, double hi) {
-  std::ostringstream s;
-  s << "[" << lo << ", " << hi << "]";
-  return s.str();
-}
 
 std::string KnownNames(bool wrappers) {
   std::string known;
@@ -66,7 +59,7 @@ StatusOr<double> KvOptions::Double(const std::string& flag, double fallback, dou
   errno = 0;
   const double x = std::strtod(it->second.c_str(), &end);
   if (it->second.empty() || *end != '\0' || errno != 0 || !std::isfinite(x) || x < lo || x > hi)
-    return InvalidArgument(flag + ": expected a number in " + Range(lo, hi) + ", found '" + it->second + "'");
+    return InvalidArgument(flag + ": expected a number in " + RangeText(lo, hi) + ", found '" + it->second + "'");
   return x;
 }
 
@@ -77,7 +70,7 @@ StatusOr<int> KvOptions::Int(const std::string& flag, int fallback, int lo, int 
   errno = 0;
   const long x = std::strtol(it->second.c_str(), &end, 10);
   if (it->second.empty() || *end != '\0' || errno != 0 || x < lo || x > hi)
-    return InvalidArgument(flag + ": expected an integer in " + Range(lo, hi) + ", found '" + it->second + "'");
+    return InvalidArgument(flag + ": expected an integer in " + RangeText(lo, hi) + ", found '" + it->second + "'");
   return static_cast<int>(x);
 }
 

@@ -1013,15 +1013,17 @@ std::vector<int32_t> Tokenizer::Impl::EncodeText(const std::string& text, bool a
   return out;
 }
 
-std::string Tokenizer::TokenToPiece(int32_t id) const {
+std::string Tokenizer::TokenToPiece(int32_t id, bool special) const {
   const Impl& m = *impl_;
   if (id < 0 || id >= vocab_size()) return "";
   const std::string& text = m.data.tokens[id];
   switch (m.TypeOf(id)) {
     case TokenType::kControl:
+      return special ? text : "";
     case TokenType::kUnknown:
+      return special ? text : "\xe2\x96\x85";  // U+2585, as llama.cpp prints an unknown token as text
     case TokenType::kUserDefined:
-      return text;  // printed as their text, like llama.cpp's token_to_piece(special=true)
+      return text;  // printed as their text, like llama.cpp's token_to_piece
     case TokenType::kNormal: {
       if (m.is_llama || m.is_bert) {
         std::string piece = text;
@@ -1068,9 +1070,9 @@ std::vector<std::string> Tokenizer::KnownPreTokenizers() {
   return out;
 }
 
-std::string Tokenizer::Decode(const std::vector<int32_t>& ids) const {
+std::string Tokenizer::Decode(const std::vector<int32_t>& ids, bool special) const {
   std::string out;
-  for (const int32_t id : ids) out += TokenToPiece(id);
+  for (const int32_t id : ids) out += TokenToPiece(id, special);
   return out;
 }
 

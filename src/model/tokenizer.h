@@ -68,15 +68,18 @@ class Tokenizer {
   // becomes those tokens' ids (llama.cpp's parse_special=true, longest text first): for prompts
   // built from chat templates, never for text a user typed.
   std::vector<int32_t> EncodeWithSpecial(const std::string& text, bool add_special) const;
-  // Text of one token as printed (▁ -> space, <0xXX> -> the byte, control tokens -> their text, e.g. "<s>").
-  std::string TokenToPiece(int32_t id) const;
+  // Text of one token (▁ -> space, <0xXX> -> the byte). special: control and unknown tokens as
+  // their text ("<s>"), as llama.cpp's detokenizer; without it, as text shown to a user: control
+  // tokens nothing, an unknown one U+2585 (llama.cpp's token_to_piece(special=false)). Generated
+  // text (generate, the server, the Python module) is always shown without.
+  std::string TokenToPiece(int32_t id, bool special = true) const;
   // The pieces the pre-tokenizer cuts raw text into before BPE (gpt2 vocabularies; the whole text
   // as one piece for the others). User-defined tokens are not split out here.
   std::vector<std::string> PreTokenize(const std::string& text) const;
   // The values of tokenizer.ggml.pre that gpt2 vocabularies may name, as llama.cpp spells them.
   static std::vector<std::string> KnownPreTokenizers();
   // Decodes a sequence (byte tokens joined into UTF-8; no leading-space stripping).
-  std::string Decode(const std::vector<int32_t>& ids) const;
+  std::string Decode(const std::vector<int32_t>& ids, bool special = true) const;
 
   int32_t vocab_size() const;
   int32_t bos_id() const;

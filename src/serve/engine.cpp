@@ -110,7 +110,7 @@ StatusOr<GenerationResult> RunGeneration(ForwardGate& gate, Slot& slot, const st
     }
     ++r.n_generated;
     if (metrics != nullptr) metrics->CountGenerated(1);
-    const std::string out = text.Push(tok.TokenToPiece(t));
+    const std::string out = text.Push(tok.TokenToPiece(t, /*special=*/false));  // never "<s>" as text
     if (!out.empty() && !on_text(out)) return r;  // cancelled
     if (text.stopped()) {
       r.end = EndReason::kStopString;

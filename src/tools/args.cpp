@@ -10,16 +10,6 @@ namespace dk::cli {
 ArgParser::ArgParser(std::string command, std::string summary)
     : command_(std::move(command)), summary_(std::move(summary)) {}
 
-namespace {
-
-std::string Range(double lo, double hi) {
-  std::ostringstream s;
-  s << "[" << lo << ", " << hi << "]";
-  return s.str();
-}
-
-}  // namespace
-
 void ArgParser::AddString(std::vector<std::string> names, std::string* target, std::string metavar, std::string help) {
   flags_.push_back({std::move(names), std::move(metavar), std::move(help), true, false,
                     [target](const std::string&, const std::string& v) {
@@ -35,7 +25,7 @@ void ArgParser::AddInt(std::vector<std::string> names, int* target, long lo, lon
                       errno = 0;
                       const long x = std::strtol(v.c_str(), &end, 10);
                       if (v.empty() || *end != '\0' || errno != 0 || x < lo || x > hi)
-                        return InvalidArgument(name + ": expected an integer in " + Range(lo, hi) + ", found '" + v + "'");
+                        return InvalidArgument(name + ": expected an integer in " + RangeText(lo, hi) + ", found '" + v + "'");
                       *target = static_cast<int>(x);
                       return Status::Ok();
                     }});
@@ -61,7 +51,7 @@ void ArgParser::AddDouble(std::vector<std::string> names, double* target, double
                       errno = 0;
                       const double x = std::strtod(v.c_str(), &end);
                       if (v.empty() || *end != '\0' || errno != 0 || !std::isfinite(x) || x < lo || x > hi)
-                        return InvalidArgument(name + ": expected a number in " + Range(lo, hi) + ", found '" + v + "'");
+                        return InvalidArgument(name + ": expected a number in " + RangeText(lo, hi) + ", found '" + v + "'");
                       *target = x;
                       return Status::Ok();
                     }});

@@ -62,10 +62,10 @@ int CmdGenerate(int argc, char** argv) {
   ThreadPool pool(threads);
   ConfigureBlasFor(threads);
   Sampler sampler(SamplerOptions{static_cast<float>(temp), top_k, static_cast<float>(top_p), seed});
-  std::printf("%s", m.tokenizer().Decode(tokens).c_str());
+  std::printf("%s", m.tokenizer().Decode(tokens, /*special=*/false).c_str());  // the prompt, without "<s>"
   std::fflush(stdout);
   auto stats = Generate(m, tokens, n_predict, n_batch, **cache, sampler, pool, [&](int32_t tok) {
-    std::printf("%s", m.tokenizer().TokenToPiece(tok).c_str());
+    std::printf("%s", m.tokenizer().TokenToPiece(tok, /*special=*/false).c_str());
     std::fflush(stdout);
     return true;
   });

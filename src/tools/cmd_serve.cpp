@@ -92,7 +92,10 @@ int CmdServe(int argc, char** argv) {
 
   Server server(opt);
   if (Status s = server.Start(); !s.ok()) return Fail("serve", s);
-  std::fprintf(stderr, "dynakv serve: listening on http://%s:%d\n", opt.host.c_str(), server.port());
+  // An IPv6 address goes in brackets in a URL (RFC 3986): http://[::1]:8080, not http://::1:8080.
+  const bool ipv6 = opt.host.find(':') != std::string::npos && opt.host.front() != '[';
+  const std::string host = ipv6 ? "[" + opt.host + "]" : opt.host;
+  std::fprintf(stderr, "dynakv serve: listening on http://%s:%d\n", host.c_str(), server.port());
   std::thread watcher(WatchSignals, &server);
   const Status loaded = server.Load(model_path, kv);
   int code = kExitOk;

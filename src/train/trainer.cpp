@@ -3,6 +3,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <optional>
 #include <sstream>
 #include <sys/stat.h>
 
@@ -141,7 +142,7 @@ BudgetFit FitBudget(const std::vector<std::vector<float>>& logits, const std::ve
   return fit;
 }
 
-std::string InfoJson(const TrainRouterOptions& o, const TrainRouterResult& r, double final_fraction) {
+std::string InfoJson(const TrainRouterOptions& o, const std::optional<LastStepMetrics>& last, double final_fraction) {
   nlohmann::json j;
   j["trainer"] = "dynakv train-router";
   j["target"] = o.target;
@@ -161,10 +162,7 @@ std::string InfoJson(const TrainRouterOptions& o, const TrainRouterResult& r, do
   j["clip"] = o.adam.clip;
   j["train_bases"] = o.train_bases;
   j["calib_seqs"] = o.calib_seqs;
-  if (!r.history.empty()) {
-    const TrainStepStats& last = r.history.back();
-    j["last_step"] = {{"loss", last.loss}, {"kl", last.kl}, {"ce", last.ce}, {"fraction", last.realised_fraction}};
-  }
+  if (last) j["last_step"] = {{"loss", last->loss}, {"kl", last->kl}, {"ce", last->ce}, {"fraction", last->fraction}};
   j["calibrated_fraction"] = final_fraction;
   return j.dump();
 }
@@ -226,6 +224,7 @@ StatusOr<TrainRouterResult> TrainRouter(const Model& model, const DynaKvProfile&
   result.profile = base;
   result.profile.router.reset();
   const uint64_t hash = ConfigHash(o, model, base);
+  std::optional<LastStepMetrics> last;
   if (o.resume && !o.checkpoint_path.empty() && FileExists(o.checkpoint_path)) {
     Checkpoint ck;
     DK_ASSIGN_OR_RETURN(ck, LoadCheckpoint(o.checkpoint_path));
@@ -237,6 +236,7 @@ StatusOr<TrainRouterResult> TrainRouter(const Model& model, const DynaKvProfile&
     adam.m() = ck.m;
     adam.v() = ck.v;
     result.start_step = static_cast<int>(std::min<int64_t>(ck.step, o.steps));
+    last = ck.last;  // a run resumed after its last step trains nothing, and still reports it
   }
 
   FullKvCache teacher_cache(c.kv_shape(), T, KvDtype::kF32);
@@ -277,11 +277,12 @@ StatusOr<TrainRouterResult> TrainRouter(const Model& model, const DynaKvProfile&
                         " (try a smaller --lr or --lambda)");
     s.grad_norm = adam.Step(params, step, o.steps);
     result.history.push_back(s);
+    last = LastStepMetrics{s.loss, s.kl, s.ce, s.realised_fraction};
     if (progress) progress(s, o.steps);
-    const bool last = step + 1 == o.steps;
-    if (!o.checkpoint_path.empty() && ((step + 1) % o.checkpoint_every == 0 || last ||
+    const bool final_step = step + 1 == o.steps;
+    if (!o.checkpoint_path.empty() && ((step + 1) % o.checkpoint_every == 0 || final_step ||
                                        (o.stop_after >= 0 && step + 1 - result.start_step == o.stop_after))) {
-      DK_RETURN_IF_ERROR(SaveCheckpoint(Checkpoint{hash, step + 1, params.values(), adam.m(), adam.v()},
+      DK_RETURN_IF_ERROR(SaveCheckpoint(Checkpoint{hash, step + 1, params.values(), adam.m(), adam.v(), last},
                                         o.checkpoint_path));
     }
   }
@@ -305,7 +306,7 @@ StatusOr<TrainRouterResult> TrainRouter(const Model& model, const DynaKvProfile&
   relax.Export(&result.profile);
   result.profile.router->budget = std::move(fit.rows);
   result.seconds = std::chrono::duration<double>(Clock::now() - t_start).count();
-  result.profile.router->info = InfoJson(o, result, calibrated);
+  result.profile.router->info = InfoJson(o, last, calibrated);
   DK_RETURN_IF_ERROR(ValidateProfile(result.profile, "trained profile"));
   return result;
 }

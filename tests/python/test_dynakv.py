@@ -119,6 +119,8 @@ class ModelTest(Base):
             checked += 1
         self.assertEqual(checked, 10)
         self.assertEqual(self.m.token_to_piece(1), "<s>")
+        self.assertEqual(self.m.token_to_piece(1, special=False), "")
+        self.assertEqual(self.m.detokenize(expected, special=False), " " + text)
         # "é" is two byte tokens: half of it is not UTF-8 and comes out replaced.
         ids = self.m.tokenize("café", bos=False)
         self.assertEqual(self.m.detokenize(ids), " café")
@@ -131,7 +133,7 @@ class GenerateTest(Base):
     def test_greedy_matches_cli(self):
         out, _ = cli("generate", "-m", MODEL, "-p", self.PROMPT, "-n", 24, "--temp", 0, "-t", THREADS)
         r = dynakv.generate(self.m, self.PROMPT, n_predict=24, threads=THREADS)
-        prompt_text = self.m.detokenize(self.m.tokenize(self.PROMPT))
+        prompt_text = self.m.detokenize(self.m.tokenize(self.PROMPT), special=False)  # the CLI prints no "<s>"
         self.assertEqual(out, prompt_text + r["text"] + "\n")
         self.assertEqual(len(r["tokens"]), 24)
         self.assertEqual(r["n_prompt"], len(self.m.tokenize(self.PROMPT)))
@@ -147,7 +149,7 @@ class GenerateTest(Base):
                        "--kv", "dynakv", "--profile", p, "--rank-policy", "energy", "--tau", 0.9)
         c = dynakv.Cache(self.m, kv="dynakv", profile=p, rank_policy="energy", tau=0.9)
         r = dynakv.generate(self.m, self.PROMPT, cache=c, n_predict=16, threads=THREADS)
-        self.assertEqual(out, self.m.detokenize(self.m.tokenize(self.PROMPT)) + r["text"] + "\n")
+        self.assertEqual(out, self.m.detokenize(self.m.tokenize(self.PROMPT), special=False) + r["text"] + "\n")
         kv = line(err, "kv cache: ")
         self.assertIn(f"{c.bytes_used} bytes used for {c.n_tokens} tokens", kv)
         self.assertIn(f"{c.bytes_reserved} reserved", kv)
@@ -178,6 +180,33 @@ class GenerateTest(Base):
         self.assertEqual(list(s), [])
         self.assertEqual(dynakv.generate(self.m, self.PROMPT, cache=c, n_predict=20)["text"], whole["text"])
 
+    def test_special_tokens_are_not_text(self):
+        # A random-weight model of 259 tokens samples control tokens often: with this seed, BOS and
+        # <unk> among 300 tokens. Generated text (here, streamed, and the CLI's) shows neither as
+        # "<s>"/"<unk>"; they printed as such.
+        tmp = tempfile.mkdtemp(prefix="dynakv_py_tiny_")
+        try:
+            tiny_path = os.path.join(tmp, "tiny.gguf")
+            cli("make-gguf", "-o", tiny_path, "--shape", "custom", "--layers", 1, "--n-embd", 64, "--n-ff", 128,
+                "--n-head", 2, "--n-vocab", 259, "--type", "f32")
+            tiny = dynakv.Model(tiny_path)
+            args = dict(n_predict=300, temperature=1.0, seed=7, threads=1)
+            r = dynakv.generate(tiny, "hello", **args)
+            self.assertIn(tiny.bos_id, r["tokens"])
+            self.assertIn(0, r["tokens"])  # <unk>
+            for text in [r["text"], "".join(dynakv.generate_stream(tiny, "hello", **args))]:
+                self.assertNotIn("<s>", text)
+                self.assertNotIn("<unk>", text)
+                self.assertIn("\u2585", text)  # <unk> as llama.cpp shows it
+            self.assertEqual(r["text"], tiny.detokenize(r["tokens"], special=False))
+            run = subprocess.run([CLI, "generate", "-m", tiny_path, "-p", "hello", "-n", "300", "--temp", "1.0",
+                                  "--seed", "7", "-t", "1"], capture_output=True, check=True)
+            out = run.stdout.decode("utf-8", errors="replace")  # random bytes: not all UTF-8
+            self.assertNotIn("<s>", out)
+            self.assertEqual(out, tiny.detokenize(tiny.tokenize("hello"), special=False) + r["text"] + "\n")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
     def test_capacity_and_sampling(self):
         c = dynakv.Cache(self.m, capacity=8)
         r = dynakv.generate(self.m, self.PROMPT, cache=c, n_predict=20)
@@ -187,7 +216,7 @@ class GenerateTest(Base):
         b = dynakv.generate(self.m, self.PROMPT, n_predict=16, temperature=0.8, seed=7, threads=THREADS)
         self.assertEqual(a["tokens"], b["tokens"])
         out, _ = cli("generate", "-m", MODEL, "-p", self.PROMPT, "-n", 16, "--temp", 0.8, "--seed", 7, "-t", THREADS)
-        self.assertEqual(out, self.m.detokenize(self.m.tokenize(self.PROMPT)) + a["text"] + "\n")
+        self.assertEqual(out, self.m.detokenize(self.m.tokenize(self.PROMPT), special=False) + a["text"] + "\n")
 
     def test_threads_run_side_by_side(self):
         prompts = ["In the beginning", "The jury said", "Once upon a time"]
