@@ -79,8 +79,8 @@ class KiviKvCache final : public KvCache {
   // values (either may be null), in the storage basis: kout/vout [n][ld].
   void Dequantize(const Layer& l, int first, int n, int col, int width, float* kout, float* vout, int64_t ld) const;
   void ReadRotated(int layer, int first, int n, float* out, bool keys) const;
-  void ScoreGroups(const Layer& l, int g, const float* qs, int T, float* s) const;
-  void AccumulateValues(const Layer& l, int g, const float* p, int T, float* acc) const;
+  void ScoreGroups(const Layer& l, int g, const float* qs, int t0, int t1, float* s) const;
+  void AccumulateValues(const Layer& l, int g, const float* p, int t0, int t1, float* acc) const;
   void AttendGemm(int layer, const KvPlan& plan, const float* q, float* out, ThreadPool& pool);
 
   KiviParams p_;
@@ -220,13 +220,13 @@ Status KiviKvCache::Retain(int layer, const std::vector<std::vector<int>>& keep)
   return Status::Ok();
 }
 
-// Scores of the quantized tokens visible to a query, group by group: for key group j,
+// Scores of tokens [t0, t1) (t0 a multiple of G), key group by key group: for key group j,
 //   s[j G + t] = sum_c (qs_c scale_c) code_c[t] + sum_c qs_c min_c     (c over KV head g)
 // i.e. one AxpyAsymCodes per channel into the group's G scores. Whole groups are written
-// (j G + G <= n_g G <= Stored), the last maybe past T; the residual's scores follow (fp16 rows).
-void KiviKvCache::ScoreGroups(const Layer& l, int g, const float* qs, int T, float* s) const {
+// (j G + G <= n_g G <= Stored), the last maybe past t1; the residual's scores follow (fp16 rows).
+void KiviKvCache::ScoreGroups(const Layer& l, int g, const float* qs, int t0, int t1, float* s) const {
   const int G = p_.group, Dn = D(), d = shape_.head_dim, nq = l.groups * G;
-  for (int j = 0; j * G < std::min(T, nq); ++j) {
+  for (int j = t0 / G; j * G < std::min(t1, nq); ++j) {
     float* sj = s + static_cast<int64_t>(j) * G;
     std::fill(sj, sj + G, 0.0f);
     float base = 0.0f;
@@ -237,16 +237,17 @@ void KiviKvCache::ScoreGroups(const Layer& l, int g, const float* qs, int T, flo
     }
     for (int t = 0; t < G; ++t) sj[t] += base;
   }
-  for (int t = nq; t < T; ++t) s[t] = DotF16(qs, l.rk.data() + static_cast<int64_t>(t - nq) * Dn + g * d, d);
+  for (int t = std::max(t0, nq); t < t1; ++t)
+    s[t] = DotF16(qs, l.rk.data() + static_cast<int64_t>(t - nq) * Dn + g * d, d);
 }
 
-// acc += sum_t p_t v^_t over the visible tokens. A quantized value group contributes
+// acc += sum_t p_t v^_t over tokens [t0, t1). A quantized value group contributes
 // p_t (min + scale code): AxpyAsymCodes(p_t scale) per group, the p_t min terms summed per group
 // over the tokens and added once at the end.
-void KiviKvCache::AccumulateValues(const Layer& l, int g, const float* p, int T, float* acc) const {
+void KiviKvCache::AccumulateValues(const Layer& l, int g, const float* p, int t0, int t1, float* acc) const {
   const int G = p_.group, d = shape_.head_dim, per_token = D() / G, per_head = d / G, nq = l.groups * G;
   std::vector<float> mins(per_head, 0.0f);  // [d / G] sum_t p_t min of each of the head's groups
-  for (int t = 0; t < std::min(T, nq); ++t)
+  for (int t = t0; t < std::min(t1, nq); ++t)
     for (int u = 0; u < per_head; ++u) {
       const size_t idx = static_cast<size_t>(t) * per_token + g * per_head + u;
       AxpyAsymCodes(p[t] * Fp16ToFp32(l.vs[idx]), l.vc.data() + idx * cb_, G, p_.bits, acc + u * G);
@@ -254,7 +255,8 @@ void KiviKvCache::AccumulateValues(const Layer& l, int g, const float* p, int T,
     }
   for (int u = 0; u < per_head; ++u)
     for (int e = 0; e < G; ++e) acc[u * G + e] += mins[u];
-  for (int t = nq; t < T; ++t) AxpyF16(p[t], l.rv.data() + static_cast<int64_t>(t - nq) * D() + g * d, acc, d);
+  for (int t = std::max(t0, nq); t < t1; ++t)
+    AxpyF16(p[t], l.rv.data() + static_cast<int64_t>(t - nq) * D() + g * d, acc, d);
 }
 
 void KiviKvCache::Attend(int layer, const KvPlan& plan, const float* q, float* out, ThreadPool& pool) {
@@ -263,9 +265,10 @@ void KiviKvCache::Attend(int layer, const KvPlan& plan, const float* q, float* o
     return;
   }
   const Layer& l = layers_[layer];
-  auto score = [&](int g, const float* qs, int T, float* s) { ScoreGroups(l, g, qs, T, s); };
-  auto accumulate = [&](int g, const float* p, int T, float* acc) { AccumulateValues(l, g, p, T, acc); };
-  AttendDecode(shape_, Stored(layer), plan, q, out, p_.hadamard, pool, score, accumulate);
+  auto score = [&](int g, const float* qs, int t0, int t1, float* s) { ScoreGroups(l, g, qs, t0, t1, s); };
+  auto accumulate = [&](int g, const float* p, int t0, int t1, float* acc) { AccumulateValues(l, g, p, t0, t1, acc); };
+  const int tile = (kDecodeTile + p_.group - 1) / p_.group * p_.group;  // whole key groups
+  AttendDecode(shape_, Stored(layer), plan, q, out, p_.hadamard, pool, tile, score, accumulate);
 }
 
 // Batched path: each KV head dequantized once to fp32 [T][d] (still rotated), then GEMMs.

@@ -137,13 +137,13 @@ void QBlockKvCache<F>::Attend(int layer, const KvPlan& plan, const float* q, flo
   const int d = shape_.head_dim;
   const Block* kb = k_[layer].data();
   const Block* vb = v_[layer].data();
-  auto score = [&](int g, const float* qs, int T, float* s) {
-    for (int t = 0; t < T; ++t) s[t] = F::Dot(qs, kb + static_cast<int64_t>(t) * nb_ + g * bh_, d);
+  auto score = [&](int g, const float* qs, int t0, int t1, float* s) {
+    for (int t = t0; t < t1; ++t) s[t] = F::Dot(qs, kb + static_cast<int64_t>(t) * nb_ + g * bh_, d);
   };
-  auto accumulate = [&](int g, const float* p, int T, float* acc) {
-    for (int t = 0; t < T; ++t) F::Axpy(p[t], vb + static_cast<int64_t>(t) * nb_ + g * bh_, acc, d);
+  auto accumulate = [&](int g, const float* p, int t0, int t1, float* acc) {
+    for (int t = t0; t < t1; ++t) F::Axpy(p[t], vb + static_cast<int64_t>(t) * nb_ + g * bh_, acc, d);
   };
-  AttendDecode(shape_, n_[layer], plan, q, out, hadamard_, pool, score, accumulate);
+  AttendDecode(shape_, n_[layer], plan, q, out, hadamard_, pool, kDecodeTile, score, accumulate);
 }
 
 // Batched path: each KV head dequantized once to fp32 [T][d] (still rotated), then GEMMs.

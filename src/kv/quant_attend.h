@@ -19,6 +19,7 @@
 #include "core/threads.h"
 #include "kv/kv_cache.h"
 #include "kv/registry.h"
+#include "ops/attention.h"
 #include "ops/quant.h"
 #include "ops/simd.h"
 
@@ -38,37 +39,57 @@ KvFlag HadamardKvFlag();
 //   x: [n][stride], slices at columns [g*d, g*d + d)
 void RotateHeads(float* x, int64_t n, int64_t stride, int n_heads, int d);
 
-// Decode-path attention (batches below kQuantGemmMinBatch), one work item per (query i, head h),
-// h's KV head g = h / (H_q / H_kv), over the T = stored - plan.n + i + 1 tokens query i sees:
-//   qs = q_h / sqrt(d), then H qs when `rotate`
-//   score(g, qs, T, s)          fills s[0, T) with qs . k_t (the storage may write further, up to
-//                               s[stored - 1]: the buffer holds `stored` numbers)
+// Decode-path attention (batches below kQuantGemmMinBatch). Work items as SplitDecode cuts them
+// (ops/attention.h): a query i, a KV head g and a run of the query heads h that share it, over the
+// T = stored - plan.n + i + 1 tokens query i sees, in tiles of `tile` tokens (each tile's blocks
+// read once for all the run's heads):
+//   qs_h = q_h / sqrt(d), then H qs_h when `rotate`
+//   score(g, qs, t0, t1, s)          fills s[t0, t1) with qs . k_t (t0 a multiple of `tile`; the
+//                                    storage may write further, up to s[stored - 1]: the buffer
+//                                    holds `stored` numbers)
 //   softmax of s[0, T) in place
-//   accumulate(g, p, T, acc)    acc[0, d) += sum_{t < T} p_t v_t (acc starts at zero)
+//   accumulate(g, p, t0, t1, acc)    acc[0, d) += sum_{t0 <= t < t1} p_t v_t (acc starts at zero)
 //   out_h = acc, or H acc when `rotate`.
 // Two passes over the scores (max, then exp and sum), as FullKvCache's decode path.
 template <typename ScoreFn, typename AccumulateFn>
 void AttendDecode(const KvShape& shape, int stored, const KvPlan& plan, const float* q, float* out, bool rotate,
-                  ThreadPool& pool, ScoreFn score, AccumulateFn accumulate) {
+                  ThreadPool& pool, int tile, ScoreFn score, AccumulateFn accumulate) {
   const int d = shape.head_dim, Hq = shape.n_head, group = Hq / shape.n_head_kv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   const int before = stored - plan.n;  // tokens stored before this batch
-  pool.ParallelForChunked(static_cast<int64_t>(plan.n) * Hq, [&](int64_t begin, int64_t end) {
-    std::vector<float> s(static_cast<size_t>(stored)), qs(d), acc(d);  // [stored], [d], [d]
+  const DecodeSplit split = SplitDecode(plan.n, shape.n_head_kv, group, pool.size());
+  pool.ParallelForChunked(split.items, [&](int64_t begin, int64_t end) {
+    const size_t heads = static_cast<size_t>(split.heads);
+    std::vector<float> s(heads * stored), qs(heads * d), acc(heads * d);  // [heads][stored], [heads][d] x 2
     for (int64_t item = begin; item < end; ++item) {
-      const int i = static_cast<int>(item / Hq), h = static_cast<int>(item % Hq), g = h / group;
-      const int T = before + i + 1;
-      const float* qi = q + (static_cast<int64_t>(i) * Hq + h) * d;
-      for (int e = 0; e < d; ++e) qs[e] = qi[e] * scale;
-      if (rotate) FwhtInPlace(qs.data(), d);
-      score(g, qs.data(), T, s.data());
-      const float mx = *std::max_element(s.begin(), s.begin() + T);
-      const float inv = 1.0f / ExpShiftSum(s.data(), T, mx);
-      for (int t = 0; t < T; ++t) s[t] *= inv;
+      const DecodeItem it = split.At(item);
+      const int T = before + it.query + 1;
+      for (int h = 0; h < it.heads; ++h) {
+        const float* qi = q + (static_cast<int64_t>(it.query) * Hq + it.head0 + h) * d;
+        float* qh = qs.data() + static_cast<size_t>(h) * d;
+        for (int e = 0; e < d; ++e) qh[e] = qi[e] * scale;
+        if (rotate) FwhtInPlace(qh, d);
+      }
+      for (int t0 = 0; t0 < T; t0 += tile)
+        for (int h = 0; h < it.heads; ++h)
+          score(it.kv_head, qs.data() + static_cast<size_t>(h) * d, t0, std::min(T, t0 + tile),
+                s.data() + static_cast<size_t>(h) * stored);
+      for (int h = 0; h < it.heads; ++h) {
+        float* sh = s.data() + static_cast<size_t>(h) * stored;
+        const float mx = *std::max_element(sh, sh + T);
+        const float inv = 1.0f / ExpShiftSum(sh, T, mx);
+        for (int t = 0; t < T; ++t) sh[t] *= inv;
+      }
       std::fill(acc.begin(), acc.end(), 0.0f);
-      accumulate(g, s.data(), T, acc.data());
-      if (rotate) FwhtInPlace(acc.data(), d);
-      std::copy(acc.begin(), acc.end(), out + (static_cast<int64_t>(i) * Hq + h) * d);
+      for (int t0 = 0; t0 < T; t0 += tile)
+        for (int h = 0; h < it.heads; ++h)
+          accumulate(it.kv_head, s.data() + static_cast<size_t>(h) * stored, t0, std::min(T, t0 + tile),
+                     acc.data() + static_cast<size_t>(h) * d);
+      for (int h = 0; h < it.heads; ++h) {
+        float* ah = acc.data() + static_cast<size_t>(h) * d;
+        if (rotate) FwhtInPlace(ah, d);
+        std::copy(ah, ah + d, out + (static_cast<int64_t>(it.query) * Hq + it.head0 + h) * d);
+      }
     }
   });
 }
