@@ -2,13 +2,19 @@
 """Writes docs/results-v3.md from results/eval-llama-27M-v3/summary.json (scripts/results_v3.sh):
 every method of the v3 evaluation with perplexity, KL and top-1 (3072 tokens compressed, 1024
 scored), key retrieval among distractors and record lookups, with breakdowns by prompt length and
-depth, and the step times of results/v3-steps.txt.
+depth, the step times of results/v3-steps.txt, and the speed tables of results/speed-v3/ (v3 at
+4k/16k/32k) and results/speed-l3-8b-q4_0/ (a Llama-3-8B-shaped random-weight model, 8 layers, q4_0
+weights, at 8k/32k), both from `scripts/results_v3.sh`.
 
   scripts/report_v3.py [--summary FILE] [--out FILE]
 """
 import argparse
 import json
 import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import report  # noqa: E402  (the plot style, colours and axes of docs/results.md)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,6 +45,105 @@ def breakdown(rows, task, key, title):
 def label(row):
     f = row["fraction"]
     return row["method"] + ("" if f < 0 else f"@{f:g}")
+
+
+def speed_table(path, title, what):
+    """Decode/prefill speed per method and context, as ratios to the full cache of the same run,
+    with bytes read per decoded token against the machine's read bandwidth measured in that run."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        s = json.load(f)
+    rows = [r for r in s["rows"] if "speed" in r]
+    full = next((r for r in rows if r["method"] == "full"), None)
+    if full is None:
+        return []
+    base = {c["ctx"]: c for c in full["speed"]["contexts"]}
+    bw = full["speed"]["machine_read_gb_per_s"]
+    spec = s["spec"]
+    fill = spec.get("speed_fill", 0)
+    out = [f"### {title}", "",
+           f"{what} `dynakv eval --tasks speed`, 2 threads; "
+           + (f"each context filled by a {fill}-token prefill replayed through the cache (`--speed-fill {fill}`), "
+              "prefill speed measured on those tokens; " if fill else "")
+           + f"machine read bandwidth in the same run {bw:.1f} GB/s. Ratios are to the full fp16 cache of the same "
+           "run; `read` is weights plus the cache as stored, per decoded token, and the rate that implies.", "",
+           "| method | fraction | context | decode tok/s | x full | prefill tok/s | x full | read/token | GB/s (of bandwidth) | resident |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for c in r["speed"]["contexts"]:
+            b = base.get(c["ctx"])
+            if b is None:
+                continue
+            out.append(f"| {label(r)} | {c['kv_fraction']:.4f} | {c['ctx']} | {c['decode_tokens_per_s']:.2f} | "
+                       f"{c['decode_tokens_per_s'] / b['decode_tokens_per_s']:.2f} | {c['prefill_tokens_per_s']:.0f} | "
+                       f"{c['prefill_tokens_per_s'] / b['prefill_tokens_per_s']:.2f} | "
+                       f"{c['bytes_read_per_token'] / 1e6:.0f} MB | {c['read_gb_per_s']:.1f} "
+                       f"({100 * c['read_gb_per_s'] / bw:.0f} %) | {c['resident_bytes'] / 2**20:.0f} MiB |")
+    return out + [""]
+
+
+def plots(rows, plots_dir):
+    """docs/plots/v3_quality.{png,svg}: KL from the full cache, key retrieval and record lookups
+    against the measured cache fraction, one line per method over its fractions, the fixed-size
+    methods as single points, the full cache's retrieval as a dashed line."""
+    _, plt = report.mpl()
+    fig, axes = plt.subplots(1, 3, figsize=(13.5, 4.6))
+    full = next((r for r in rows if r["method"] == "full"), None)
+    methods = []
+    for r in rows:
+        if r["method"] != "full" and r["method"] not in methods:
+            methods.append(r["method"])
+    panels = [("perplexity", "kl", "KL from the full cache (log)"), ("keys", "accuracy", "keys among distractors"),
+              ("records", "accuracy", "record lookups")]
+    xs = []
+    for ax, (task, key, title) in zip(axes, panels):
+        ys = []
+        for m in methods:
+            pts = sorted((r["perplexity"]["kv_fraction_prompt"], r[task][key]) for r in rows
+                         if r["method"] == m and task in r and "perplexity" in r)
+            if not pts:
+                continue
+            colour, marker = report.style(m)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=colour, label=m,
+                    linestyle="-" if len(pts) > 1 else "none", markersize=6)
+            xs += [p[0] for p in pts]
+            ys += [p[1] for p in pts]
+        if task != "perplexity" and full is not None and task in full:
+            ax.axhline(full[task][key], color="black", linestyle="--", linewidth=1, label="full")
+            ax.set_ylim(-0.03, 1.03)
+        if task == "perplexity":
+            report.log_y(ax, ys)
+        report.fraction_axis(ax, xs)
+        ax.set_xlabel("measured cache fraction (log)")
+        ax.set_title(title)
+    handles, labels = axes[2].get_legend_handles_labels()
+    report.legend_outside(axes[2], handles, labels)
+    fig.suptitle("eval-llama-27M-v3, held-out text: 3072 tokens compressed, 1024 scored; 60 retrievals per point")
+    fig.tight_layout()
+    report.save(fig, plots_dir, "v3_quality")
+
+
+def training_plot(paths, plots_dir):
+    """docs/plots/v3_training.{png,svg}: each router's training KL per step (and its running mean)."""
+    _, plt = report.mpl()
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    for target, path in paths:
+        with open(path) as f:
+            steps = [json.loads(line) for line in f if line.strip()]
+        if not steps:
+            continue
+        kl = [st["kl"] for st in steps]
+        mean = [sum(kl[max(0, i - 9):i + 1]) / len(kl[max(0, i - 9):i + 1]) for i in range(len(kl))]
+        line, = ax.plot([st["step"] for st in steps], kl, alpha=0.3, linewidth=0.8)
+        ax.plot([st["step"] for st in steps], mean, color=line.get_color(), label=f"target {target:g} (mean of 10)")
+    ax.set_yscale("log")
+    ax.set_xlabel("step (1 sequence of 1024 tokens)")
+    ax.set_ylabel("KL from the full cache (training batch)")
+    ax.legend()
+    ax.set_title("Router training on v3 (calib-v3.txt + calib-recall-v3.txt)")
+    fig.tight_layout()
+    report.save(fig, plots_dir, "v3_training")
 
 
 def main():
@@ -77,11 +182,34 @@ def main():
     lines += breakdown(rows, "records", "by_depth", "records by the asked record's place in the block")
     if os.path.exists(a.steps):
         lines += ["**Calibration and router training** (wall seconds, from results/v3-steps.txt)", ""]
+        last = {}  # the latest run of each step
         with open(a.steps) as f:
             for line in f:
                 name, secs = line.split()[:2]
-                lines.append(f"- {name}: {float(secs):.0f} s")
+                last[name] = (float(secs), line.split(": ", 1)[1].strip())
+        for name, (secs, cmd) in last.items():
+            lines.append(f"- {name}: {secs:.0f} s (`{cmd}`)")
+        if "calibrate" in last:
+            for name, (secs, _) in last.items():
+                if name.startswith("train-router"):
+                    lines.append(f"- calibration + {name}: {(last['calibrate'][0] + secs) / 60:.1f} min")
         lines.append("")
+    plots_dir = os.path.join(os.path.dirname(a.out), "plots")
+    plots(rows, plots_dir)
+    lines += ["![quality against measured fraction](plots/v3_quality.png)", ""]
+    logs = [(float(f), os.path.join(ROOT, f"results/v3-train-router-{f}.jsonl")) for f in ("0.25", "0.125", "0.0625")]
+    logs = [(t, p) for t, p in logs if os.path.exists(p)]
+    if logs:
+        training_plot(logs, plots_dir)
+        lines += ["![router training](plots/v3_training.png)", ""]
+    speed = speed_table(os.path.join(ROOT, "results/speed-l3-8b-q4_0/summary.json"),
+                        "Llama-3-8B shape (random weights, 8 of 32 layers, q4_0), 8k and 32k",
+                        "`dynakv make-gguf --shape llama3-8b --type q4_0 --layers 8 --ctx 32768`, a profile calibrated on it "
+                        "(2 chunks of 512 tokens), then") + \
+        speed_table(os.path.join(ROOT, "results/speed-v3/summary.json"), "v3 at 4k, 16k and 32k",
+                    "v3 (f16 weights; 16k and 32k are past its 4k training context, for speed only),")
+    if speed:
+        lines += ["## Speed", ""] + speed
     tmp = a.out + ".tmp"
     with open(tmp, "w") as f:
         f.write("\n".join(lines))

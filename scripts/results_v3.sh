@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The v3 evaluation (head size 128, 4k context) as far as it has been run: calibrate a profile on
-# calib-v3.txt, train the router at 25 %, then `dynakv eval` with the long-context tasks
+# The v3 evaluation (head size 128, 4k context): calibrate a profile on calib-v3.txt, train a
+# router at 25 %, 12.5 % and 6.25 %, then `dynakv eval` with the long-context tasks
 # (perplexity/KL/top-1 with 3072 tokens compressed and 1024 scored, keys among distractors, record
 # lookups; 60 cases per run) for the methods below. Each step's time goes to results/v3-steps.txt;
 # finished eval tasks are skipped when run again (results/eval-llama-27M-v3/).
@@ -21,10 +21,24 @@ step() {  # name, command...: runs it unless its output exists, appends "name se
   echo "$name $(echo "$(date +%s.%N) - $t0" | bc) s: $*" >>$log
 }
 step calibrate $P/v3.dkv build/dynakv calibrate -m $M -f $D/calib-v3.txt -c 4096 --chunks 16 -o $P/v3.dkv -t $T -q
-step train-router-0.25 $P/v3-router-0.25.dkv build/dynakv train-router -m $M --profile $P/v3.dkv -f $D/calib-v3.txt \
-  --docs $D/calib-recall-v3.txt --target 0.25 --steps ${STEPS:-150} -o $P/v3-router-0.25.dkv -t $T -q \
-  --log results/v3-train-router-0.25.jsonl
-build/dynakv eval -m $M -f $D/valid-v3.txt --profile $P/v3.dkv --routers 0.25=$P/v3-router-0.25.dkv \
-  --methods ${METHODS:-full,uniform,energy,router,q4_0-h,kivi2,snapkv} --fractions 0.25 \
+for F in 0.25 0.125 0.0625; do
+  step train-router-$F $P/v3-router-$F.dkv build/dynakv train-router -m $M --profile $P/v3.dkv -f $D/calib-v3.txt \
+    --docs $D/calib-recall-v3.txt --target $F --steps ${STEPS:-150} -o $P/v3-router-$F.dkv -t $T -q \
+    --log results/v3-train-router-$F.jsonl
+done
+R=0.25=$P/v3-router-0.25.dkv,0.125=$P/v3-router-0.125.dkv,0.0625=$P/v3-router-0.0625.dkv
+build/dynakv eval -m $M -f $D/valid-v3.txt --profile $P/v3.dkv --routers $R \
+  --methods ${METHODS:-full,uniform,energy,router,router-int8,q4_0-h,kivi2,snapkv} --fractions ${FRACTIONS:-0.25,0.125,0.0625} \
   --tasks perplexity,keys,records -c 4096 --ppl-prompt 3072 --chunks 8 --name eval-llama-27M-v3 -t $T
+# Speed: v3 at 4k/16k/32k, and a Llama-3-8B-shaped random-weight model (8 layers, q4_0 weights) at
+# 8k/32k; each context filled by a short real prefill replayed through the cache (--speed-fill).
+build/dynakv eval -m $M -f $D/valid-v3.txt --profile $P/v3.dkv --routers $R \
+  --methods full,q8_0,q4_0,q4_0-h,kivi2,uniform,router --fractions 0.25,0.125 --speed-fractions 0.25,0.125 \
+  --tasks speed --speed-ctx 4096,16384,32768 --speed-fill 1024 --name speed-v3 -t $T
+L8=${TMPDIR:-/tmp}/dynakv-llama3-8b-q4_0.gguf
+[ -e $L8 ] || build/dynakv make-gguf --shape llama3-8b --type q4_0 --layers 8 --ctx 32768 -o $L8
+[ -e $P/llama3-8b-q4_0.dkv ] || build/dynakv calibrate -m $L8 -f $D/calib-v3.txt -c 512 --chunks 2 -o $P/llama3-8b-q4_0.dkv -t $T -q
+build/dynakv eval -m $L8 -f $D/valid-v3.txt --profile $P/llama3-8b-q4_0.dkv --methods full,q8_0,q4_0,uniform \
+  --fractions 0.25,0.125 --speed-fractions 0.25,0.125 --tasks speed --speed-ctx 8192,32768 --speed-fill 512 \
+  --name speed-l3-8b-q4_0 -t $T
 scripts/report_v3.py

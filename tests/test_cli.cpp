@@ -108,14 +108,8 @@ TEST(Cli, MakeGgufKilledMidwayLeavesNothing) {
     ASSERT_TRUE(std::filesystem::create_directories(dir));
     const std::string out = dir + "/out.gguf", log = dir + ".log";
     // 1.24 GiB (about 3 s to write here): the kill comes while the tensors are being written.
-    const std::string cmd = "exec " + std::string(DK_CLI_PATH) + " make-gguf -o " + out +
-                            " --shape llama2-7b --type f16 --layers 2 >" + log + " 2>&1 </dev/null";
-    const pid_t pid = fork();
+    const pid_t pid = test::SpawnCli("make-gguf -o " + out + " --shape llama2-7b --type f16 --layers 2", log);
     ASSERT_GE(pid, 0);
-    if (pid == 0) {
-      execl("/bin/sh", "sh", "-c", cmd.c_str(), static_cast<char*>(nullptr));
-      _exit(127);
-    }
     // Its announcement comes after the checks, just before the writing starts.
     const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(60);
     while (test::ReadText(log).find("make-gguf: llama2-7b") == std::string::npos &&

@@ -71,14 +71,8 @@ class ServeProcess {
   // Starts the server with `args` (shell-quoted) and waits until /health answers 200.
   void Start(const std::string& args, double timeout_s = 60, const std::string& model = kModel) {
     log_ = Temp("server" + std::to_string(count_++) + ".log");
-    const std::string cmd = "exec " + std::string(DK_CLI_PATH) + " serve --port 0 -m " + model + " " + args + " >" +
-                            log_ + " 2>&1 </dev/null";
-    pid_ = fork();
+    pid_ = test::SpawnCli("serve --port 0 -m " + model + " " + args, log_);
     ASSERT_GE(pid_, 0);
-    if (pid_ == 0) {
-      execl("/bin/sh", "sh", "-c", cmd.c_str(), static_cast<char*>(nullptr));
-      _exit(127);
-    }
     const auto until = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
     while (port_ <= 0 || !Healthy()) {
       ASSERT_LT(std::chrono::steady_clock::now(), until) << "the server did not come up:\n" << Log();
@@ -183,14 +177,8 @@ TEST(ServeCli, BadFlagsAndFilesExitAsTheOtherCommands) {
 // An IPv6 host is printed in brackets, as a URL needs it: http://[::1]:PORT (it was http://::1:PORT).
 TEST(ServeCli, AnIpv6HostIsPrintedAsAUrl) {
   const std::string log = Temp("ipv6.log");
-  const std::string cmd = "exec " + std::string(DK_CLI_PATH) + " serve --host ::1 --port 0 -t 1 -m " + kModel + " >" +
-                          log + " 2>&1 </dev/null";
-  const pid_t pid = fork();
+  const pid_t pid = test::SpawnCli("serve --host ::1 --port 0 -t 1 -m " + kModel, log);
   ASSERT_GE(pid, 0);
-  if (pid == 0) {
-    execl("/bin/sh", "sh", "-c", cmd.c_str(), static_cast<char*>(nullptr));
-    _exit(127);
-  }
   const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(60);
   std::string text;
   while ((text = test::ReadText(log)).find("ready:") == std::string::npos && waitpid(pid, nullptr, WNOHANG) == 0 &&

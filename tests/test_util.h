@@ -2,6 +2,7 @@
 #pragma once
 
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <fstream>
@@ -39,6 +40,19 @@ inline CliResult RunCli(const std::string& args) {
   std::remove((base + ".out").c_str());
   std::remove((base + ".err").c_str());
   return r;
+}
+
+// Starts the built dynakv binary with `args` (already shell-quoted) in the background, its stdout
+// and stderr to `log`, stdin from /dev/null, and returns its pid (exec'd by the shell, so signals
+// reach dynakv itself), or -1 when fork fails.
+inline pid_t SpawnCli(const std::string& args, const std::string& log) {
+  const std::string cmd = "exec " + std::string(DK_CLI_PATH) + " " + args + " >" + log + " 2>&1 </dev/null";
+  const pid_t pid = fork();
+  if (pid == 0) {
+    execl("/bin/sh", "sh", "-c", cmd.c_str(), static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  return pid;
 }
 
 // Parses llama.cpp's running perplexity line "[1]87.8945,[2]65.1777,..." into values.

@@ -2,6 +2,7 @@
 
 #include <cstring>
 
+#include "core/hash.h"
 #include "core/threads.h"
 #include "model/ggml_types.h"
 #include "ops/ops.h"
@@ -64,14 +65,6 @@ StatusOr<int> HParam(const GgufFile& f, const std::string& arch, const std::stri
   return static_cast<int>(v);
 }
 
-uint64_t Fnv1a(uint64_t h, const void* data, size_t n) {
-  const auto* p = static_cast<const uint8_t*>(data);
-  for (size_t i = 0; i < n; ++i) {
-    h ^= p[i];
-    h *= 1099511628211ull;
-  }
-  return h;
-}
 
 }  // namespace
 
@@ -194,7 +187,7 @@ Status Model::LoadWeights() {
   const ModelConfig& c = config_;
   const int64_t E = c.n_embd, Q = static_cast<int64_t>(c.n_head) * c.head_dim;
   const int64_t KV = static_cast<int64_t>(c.n_head_kv) * c.head_dim, F = c.n_ff, V = c.n_vocab;
-  fingerprint_ = Fnv1a(14695981039346656037ull, &c.n_embd, sizeof(int));
+  fingerprint_ = Fnv1a(kFnv1aOffset, &c.n_embd, sizeof(int));
   DK_ASSIGN_OR_RETURN(tok_embd_, Matrix("token_embd.weight", {E, V}));
   DK_ASSIGN_OR_RETURN(output_norm_, Weight("output_norm.weight", {E}));
   if (c.tied_output) {

@@ -13,6 +13,8 @@
 #define DK_QDOT_X86 1
 #endif
 
+#include "ops/hsum.h"
+
 namespace dk {
 
 int64_t ActBlockSize(ActFormat f) { return f == ActFormat::kQ8_0 ? 32 : 256; }

@@ -12,6 +12,7 @@
 #include "core/fp16.h"
 #include "core/threads.h"
 #include "ops/qdot.h"
+#include "ops/hsum.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -201,13 +202,6 @@ float DotWeights(WeightType type, const uint8_t* w, const float* x, int64_t n) {
 namespace avx2 {
 namespace {
 
-DK_AVX2_FN inline float Hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // 8 bytes at p, zero-extended to 8 int32 lanes.
 DK_AVX2_FN inline __m256i Bytes8(const uint8_t* p) {
   return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
@@ -220,7 +214,7 @@ DK_AVX2_FN float DotF32(const uint8_t* w, const float* x, int64_t n) {
     a0 = _mm256_fmadd_ps(_mm256_loadu_ps(reinterpret_cast<const float*>(w) + i), _mm256_loadu_ps(x + i), a0);
     a1 = _mm256_fmadd_ps(_mm256_loadu_ps(reinterpret_cast<const float*>(w) + i + 8), _mm256_loadu_ps(x + i + 8), a1);
   }
-  float s = Hsum(_mm256_add_ps(a0, a1));
+  float s = HorizontalSum(_mm256_add_ps(a0, a1));
   for (; i < n; ++i) {
     float v;
     std::memcpy(&v, w + 4 * i, 4);
@@ -238,7 +232,7 @@ DK_AVX2_FN float DotF16(const uint8_t* w, const float* x, int64_t n) {
     a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + i), a0);
     a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + i + 8), a1);
   }
-  float s = Hsum(_mm256_add_ps(a0, a1));
+  float s = HorizontalSum(_mm256_add_ps(a0, a1));
   for (; i < n; ++i) s += LoadF16(w + 2 * i) * x[i];
   return s;
 }
@@ -250,7 +244,7 @@ DK_AVX2_FN float DotBF16(const uint8_t* w, const float* x, int64_t n) {
     const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 2 * i)));
     a0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(h, 16)), _mm256_loadu_ps(x + i), a0);
   }
-  float s = Hsum(a0);
+  float s = HorizontalSum(a0);
   for (; i < n; ++i) s += Bf16ToFp32(LoadU16(w + 2 * i)) * x[i];
   return s;
 }
@@ -266,7 +260,7 @@ DK_AVX2_FN float DotQ8_0(const uint8_t* w, const float* x, int64_t n) {
     }
     acc = _mm256_fmadd_ps(_mm256_set1_ps(LoadF16(w)), s, acc);
   }
-  return Hsum(acc);
+  return HorizontalSum(acc);
 }
 
 DK_AVX2_FN float DotQ4_0(const uint8_t* w, const float* x, int64_t n) {
@@ -284,7 +278,7 @@ DK_AVX2_FN float DotQ4_0(const uint8_t* w, const float* x, int64_t n) {
     }
     acc = _mm256_fmadd_ps(_mm256_set1_ps(LoadF16(w)), s, acc);
   }
-  return Hsum(acc);
+  return HorizontalSum(acc);
 }
 
 // q4_K and q5_K: value = d_j * q - m_j per sub-block of 32, so sum x w = d_j sum(q x) - m_j sum(x).
@@ -315,7 +309,7 @@ DK_AVX2_FN float DotQ4_K(const uint8_t* w, const float* x, int64_t n) {
       acc = _mm256_fnmadd_ps(_mm256_set1_ps(dmin * m2), sx2, acc);
     }
   }
-  return Hsum(acc);
+  return HorizontalSum(acc);
 }
 
 DK_AVX2_FN float DotQ5_K(const uint8_t* w, const float* x, int64_t n) {
@@ -351,7 +345,7 @@ DK_AVX2_FN float DotQ5_K(const uint8_t* w, const float* x, int64_t n) {
       acc = _mm256_fnmadd_ps(_mm256_set1_ps(dmin * m2), sx2, acc);
     }
   }
-  return Hsum(acc);
+  return HorizontalSum(acc);
 }
 
 DK_AVX2_FN float DotQ6_K(const uint8_t* w, const float* x, int64_t n) {
@@ -394,7 +388,7 @@ DK_AVX2_FN float DotQ6_K(const uint8_t* w, const float* x, int64_t n) {
       }
     }
   }
-  return Hsum(acc);
+  return HorizontalSum(acc);
 }
 
 }  // namespace

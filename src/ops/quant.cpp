@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "core/fp16.h"
+#include "ops/hsum.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -242,14 +243,6 @@ void ScaleInPlace(float* x, int n, float s) {
 #if DK_HAVE_AVX2
 
 namespace {
-
-inline float HorizontalSum(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-  return _mm_cvtss_f32(lo);
-}
 
 // The low 8 bytes of v as signed int8 -> 8 floats.
 inline __m256 I8x8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }

@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "core/fp16.h"
+#include "ops/hsum.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -37,14 +38,6 @@ float ExpShiftSum(float* x, int n, float shift) {
 #if DK_HAVE_AVX2
 
 namespace {
-
-inline float HorizontalSum(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-  return _mm_cvtss_f32(lo);
-}
 
 // exp(x) for x <= 0 (softmax inputs after the max shift): 2^(x log2 e) split into an integer
 // power (exponent bits) and a degree-6 polynomial on [-0.5, 0.5] (cephes expf coefficients).

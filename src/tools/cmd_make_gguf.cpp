@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "core/fp16.h"
+#include "core/hash.h"
 #include "core/mapped_file.h"
 #include "model/ggml_types.h"
 #include "model/gguf.h"
@@ -95,15 +96,10 @@ uint64_t TensorBytes(GgmlType type, uint64_t n) {
   }
 }
 
-// SplitMix64: fast, and seeded per tensor so every tensor is reproducible on its own.
+// SplitMix64 (core/hash.h): fast, and seeded per tensor so every tensor is reproducible on its own.
 struct Rng {
-  uint64_t s;
-  uint64_t Next() {
-    uint64_t z = (s += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-  }
+  SplitMix64 g;
+  uint64_t Next() { return g.Next(); }
   // Uniform on [-1, 1).
   float Sym() { return static_cast<float>(static_cast<int64_t>(Next() >> 40) - (int64_t{1} << 23)) * (1.0f / (1 << 23)); }
 };
@@ -155,7 +151,7 @@ Status WriteAll(int fd, const void* p, size_t n, const std::string& path) {
 Status WriteTensor(int fd, const TensorSpec& t, uint64_t seed, size_t index, const std::string& path) {
   uint64_t n = 1;
   for (uint64_t d : t.dims) n *= d;
-  Rng rng{seed * 0x100000001b3ull + index * 0x9e3779b97f4a7c15ull + 1};
+  Rng rng{SplitMix64{seed * 0x100000001b3ull + index * kSplitMixGamma + 1}};
   const float a = t.scale * std::sqrt(3.0f);  // uniform on [-a, a] has standard deviation `scale`
   constexpr uint64_t kChunk = uint64_t{1} << 20;  // elements per write (a multiple of 32)
   std::vector<float> x(static_cast<size_t>(std::min(n, kChunk)));

@@ -2,7 +2,8 @@
 
 #include <algorithm>
 
-#include "train/relaxed_cache.h"  // Mix64, Uniform01
+#include "core/hash.h"             // Mix64
+#include "train/relaxed_cache.h"  // Uniform01
 
 namespace dk {
 

@@ -9,13 +9,6 @@
 
 namespace dk {
 
-uint64_t Mix64(uint64_t x) {  // splitmix64's finalizer
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
-
 double Uniform01(uint64_t key, uint64_t index) {
   const uint64_t bits = Mix64(key ^ Mix64(index)) >> 11;  // 53 random bits
   return (static_cast<double>(bits) + 0.5) / 9007199254740992.0;  // (0, 1), never 0 or 1

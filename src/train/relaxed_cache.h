@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "core/hash.h"
 #include "kv/profile.h"
 #include "kv/rank_policy.h"
 #include "model/train_graph.h"
@@ -20,7 +21,7 @@ namespace dk {
 
 // Counter-based random numbers: the value depends only on (key, index), never on the order of
 // evaluation, so a resumed run draws exactly what an uninterrupted one would.
-uint64_t Mix64(uint64_t x);
+// (Mix64, SplitMix64's output of one key, is core/hash.h's.)
 double Uniform01(uint64_t key, uint64_t index);  // in (0, 1)
 double GumbelNoise(uint64_t key, uint64_t index); // -log(-log(u))
 

@@ -9,6 +9,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "core/hash.h"
 #include "core/memory.h"
 #include "core/threads.h"
 #include "kv/dynakv_cache.h"
@@ -24,12 +25,6 @@ namespace {
 
 constexpr uint64_t kCalibIndexBase = 1ull << 40;  // calibration sequences: a stream apart from training
 
-uint64_t Fnv1a(uint64_t h, const void* data, size_t n) {
-  const auto* p = static_cast<const uint8_t*>(data);
-  for (size_t i = 0; i < n; ++i) h = (h ^ p[i]) * 1099511628211ull;
-  return h;
-}
-
 // Everything that shapes the trajectory of a run: a checkpoint of another configuration is refused.
 uint64_t ConfigHash(const TrainRouterOptions& o, const Model& model, const DynaKvProfile& base) {
   std::ostringstream s;
@@ -40,7 +35,7 @@ uint64_t ConfigHash(const TrainRouterOptions& o, const Model& model, const DynaK
     << o.adam.warmup << ' ' << o.adam.weight_decay << ' ' << o.adam.clip << ' ' << model.fingerprint();
   for (int l : base.levels) s << ' ' << l;
   const std::string text = s.str();
-  uint64_t h = Fnv1a(14695981039346656037ull, text.data(), text.size());
+  uint64_t h = Fnv1a(kFnv1aOffset, text.data(), text.size());
   for (const auto& sets : {&base.k, &base.v})
     for (const BasisSet& b : *sets) h = Fnv1a(h, b.basis.data(), b.basis.size() * sizeof(float));
   return h;
