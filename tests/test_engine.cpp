@@ -2,6 +2,7 @@
 // with llama.cpp c392e509 on this kind of machine): perplexity per chunk and greedy text.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "core/threads.h"
@@ -42,7 +43,11 @@ void CheckPerplexity(const PplCase& c) {
   const double ref_ppl = std::stod(ref.substr(fe + 6));
   const double ref_err = std::stod(ref.substr(ref.find("+/-", fe) + 3));
 
-  const auto tokens = model->tokenizer().Encode(test::ReadText(DataPath("valid.txt")), true);
+  // As `dynakv perplexity` reads the text: a piece at a time, only as far as the chunks need.
+  const size_t needed = c.max_chunks > 0 ? static_cast<size_t>(std::max(c.max_chunks, 2) * c.n_ctx) : 0;
+  auto text = TokenizeTextFile(model->tokenizer(), DataPath("valid.txt"), needed);
+  ASSERT_TRUE(text.ok()) << text.status().ToString();
+  const std::vector<int32_t>& tokens = text->ids;
   FullKvCache cache(model->config().kv_shape(), c.n_ctx, KvDtype::kF16);  // llama.cpp's default cache type
   ThreadPool pool(2);
   auto r = ComputePerplexity(*model, tokens, cache, nullptr, PerplexityOptions{c.n_ctx, c.n_ctx, c.max_chunks}, pool);
@@ -61,6 +66,38 @@ TEST(EnginePerplexity, Stories260KContext128MatchesLlamaCpp) {
 TEST(EnginePerplexity, BrownContext128MatchesLlamaCpp) {
   CheckPerplexity({"brown-kjv-llama-6M-f32.gguf", "brown-kjv-llama-6M-f32", 128, 100, "perplexity-c128.txt"});
 }
+// The perplexity command's tokens: the text read and encoded a piece at a time
+// (Tokenizer::PieceEncoder) are the ids of the text encoded whole, or their first ones when only
+// those are needed; so every chunk, and every perplexity, is the same as before.
+TEST(EnginePerplexity, TextFileTokensAreTheWholeTextsIds) {
+  for (const char* file : {"stories260K.gguf", "brown-kjv-llama-6M-f32.gguf", "eval-llama-27M-v3-q8_0.gguf"}) {
+    SCOPED_TRACE(file);
+    auto model = LoadOrDie(file);
+    ASSERT_NE(model, nullptr);
+    for (const char* text_file : {"valid.txt", "valid-v3.txt"}) {
+      const std::string path = DataPath(text_file);
+      const std::string text = test::ReadText(path);
+      const std::vector<int32_t> whole = model->tokenizer().Encode(text, true);
+      auto all = TokenizeTextFile(model->tokenizer(), path);
+      ASSERT_TRUE(all.ok()) << all.status().ToString();
+      EXPECT_TRUE(all->whole);
+      EXPECT_EQ(all->bytes_encoded, text.size());
+      EXPECT_TRUE(all->ids == whole) << text_file << ": " << all->ids.size() << " ids, whole " << whole.size();
+      auto some = TokenizeTextFile(model->tokenizer(), path, 1000, 4096);
+      ASSERT_TRUE(some.ok()) << some.status().ToString();
+      EXPECT_FALSE(some->whole);
+      EXPECT_GE(some->ids.size(), 1000u);
+      EXPECT_LT(some->bytes_encoded, 20000u);  // ~4 bytes a token: no more text than the ids need
+      ASSERT_LE(some->ids.size(), whole.size());
+      EXPECT_TRUE(std::equal(some->ids.begin(), some->ids.end(), whole.begin())) << text_file;
+    }
+  }
+  auto model = LoadOrDie("stories260K.gguf");
+  auto missing = TokenizeTextFile(model->tokenizer(), "/nonexistent/text.txt", 100);
+  ASSERT_FALSE(missing.ok());
+  EXPECT_NE(missing.status().message().find("/nonexistent/text.txt"), std::string::npos) << missing.status().ToString();
+}
+
 // Whole valid.txt at -c 512: ~40 s for the 6M model in a release build; skipped under sanitizers.
 TEST(EnginePerplexitySlow, Stories260KContext512MatchesLlamaCpp) {
   CheckPerplexity({"stories260K.gguf", "stories260K", 512, -1, "perplexity-c512.txt"});

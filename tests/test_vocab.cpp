@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cstdio>
 #include <fstream>
@@ -16,6 +17,7 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -524,6 +526,135 @@ TEST(PreTokenizer, Llama3AddsBosByDefault) {
     auto tok = Tokenizer::FromGguf(**gguf);
     ASSERT_TRUE(tok.ok()) << tok.status().ToString();
     EXPECT_EQ((*tok)->add_bos(), add_bos) << pre;
+  }
+}
+
+// ---- Tokenizer::PieceEncoder: a text encoded a piece at a time has the whole text's ids ----
+
+const char* const kAllInp[] = {"bert-bge", "deepseek-coder", "deepseek-llm", "falcon", "gpt-2", "llama-bpe",
+                               "llama-spm", "mpt", "phi-3", "qwen2", "refact", "starcoder"};
+
+// Every vocabulary test's cases and the start of valid.txt as one text: many places to cut (an
+// ASCII letter or digit, then a newline), and around them what the cases exercise (whitespace
+// runs, digits, contractions, punctuation before newlines, CJK, emoji, invalid UTF-8).
+std::string PieceText() {
+  std::string text;
+  for (const char* name : kAllInp) text += ReadFile(kVocabDir + "ggml-vocab-" + name + ".gguf.inp");
+  text += ReadFile(test::DataPath("valid.txt")).substr(0, 40000);
+  return text;
+}
+
+// `text` through a PieceEncoder in parts of 1 to 300 bytes; *before_finish: bytes encoded before
+// Finish (0 would mean the text was never cut).
+std::vector<int32_t> EncodeInPieces(const Tokenizer& tok, const std::string& text, size_t piece_bytes,
+                                    uint64_t* before_finish) {
+  Tokenizer::PieceEncoder enc(tok, true, piece_bytes);
+  std::vector<int32_t> ids;
+  std::mt19937 rng(7);
+  for (size_t at = 0; at < text.size();) {
+    const size_t n = std::min<size_t>(text.size() - at, 1 + rng() % 300);
+    enc.Add(std::string_view(text).substr(at, n), ids);
+    at += n;
+  }
+  *before_finish = enc.bytes_encoded();
+  enc.Finish(ids);
+  return ids;
+}
+
+// Where two id lists first differ, for a readable failure ("" when equal).
+std::string FirstDifference(const std::vector<int32_t>& a, const std::vector<int32_t>& b) {
+  if (a == b) return "";
+  size_t i = 0;
+  while (i < a.size() && i < b.size() && a[i] == b[i]) ++i;
+  return "sizes " + std::to_string(a.size()) + " / " + std::to_string(b.size()) + ", first difference at id " +
+         std::to_string(i);
+}
+
+TEST(PieceEncoder, SameIdsAsTheWholeTextForEveryVocabulary) {
+  const std::string text = PieceText();
+  std::vector<std::pair<std::string, std::unique_ptr<Tokenizer>>> toks;
+  for (const char* name : {"bert-bge", "deepseek-coder", "deepseek-llm", "falcon", "gpt-2", "llama-spm", "mpt",
+                           "phi-3", "refact", "starcoder"})
+    toks.emplace_back(name, LoadVocab(name));
+  // The models of the engine tests (SentencePiece vocabularies with BOS and the space prefix).
+  for (const char* model : {"stories260K", "brown-kjv-llama-6M-f32", "eval-llama-27M-v3-q8_0"}) {
+    auto gguf = GgufFile::Open(test::DataPath(std::string(model) + ".gguf"));
+    ASSERT_TRUE(gguf.ok()) << gguf.status().ToString();
+    auto tok = Tokenizer::FromGguf(**gguf);
+    ASSERT_TRUE(tok.ok()) << tok.status().ToString();
+    toks.emplace_back(model, std::move(tok).value());
+  }
+  for (const auto& [name, tok] : toks) {
+    SCOPED_TRACE(name);
+    ASSERT_NE(tok, nullptr);
+    const std::vector<int32_t> whole = tok->Encode(text, true);
+    for (const size_t piece : {size_t{1}, size_t{64}, size_t{4096}}) {
+      uint64_t before = 0;
+      EXPECT_EQ(FirstDifference(EncodeInPieces(*tok, text, piece, &before), whole), "") << "piece_bytes " << piece;
+      EXPECT_GT(before, text.size() / 2) << "piece_bytes " << piece << ": the text was hardly cut";
+    }
+    // A text that ends at a place to cut, and an empty one: BOS / EOS as Encode.
+    for (const std::string& t : {std::string("abc\n"), std::string("Hello world\nagain"), std::string()}) {
+      uint64_t before = 0;
+      EXPECT_EQ(FirstDifference(EncodeInPieces(*tok, t, 1, &before), tok->Encode(t, true)), "") << Escape(t);
+    }
+  }
+}
+
+// A vocabulary with a token holding "b\n": a cut after "b" would split it ("▁a", "b" | "\n", ...
+// instead of "▁a", "b\n"), so the text is not cut there; after "c" it is. The same for "b▁".
+TEST(PieceEncoder, NoCutWhereATokenSpansIt) {
+  TokenizerData d;
+  d.model = "llama";
+  d.tokens = {"<unk>", "<s>", "</s>", "\xe2\x96\x81", "a", "b", "c", "\n", "b\n", "\xe2\x96\x81" "a", "ab"};
+  d.scores = {0, 0, 0, -1, -1, -1, -1, -1, -1, -2, -3};
+  d.types = {2, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1};
+  d.bos_id = 1;
+  d.eos_id = 2;
+  auto tok = Tokenizer::FromData(d);
+  ASSERT_TRUE(tok.ok()) << tok.status().ToString();
+  const std::string text = "ab\nab\nab\nac\nab\n";
+  const std::vector<int32_t> whole = (*tok)->Encode(text, true);
+  EXPECT_NE(std::find(whole.begin(), whole.end(), 8), whole.end());  // "b\n" is used
+  uint64_t before = 0;
+  EXPECT_EQ(FirstDifference(EncodeInPieces(**tok, text, 1, &before), whole), "");
+  EXPECT_EQ(before, 11u);  // cut only after "ac": "ab\nab\nab\nac" | "\nab\n"
+  EXPECT_FALSE((*tok)->CanCutAt(text, 2));
+  EXPECT_TRUE((*tok)->CanCutAt(text, 11));
+
+  d.tokens[8] = "b\xe2\x96\x81";
+  auto spaced = Tokenizer::FromData(d);
+  ASSERT_TRUE(spaced.ok()) << spaced.status().ToString();
+  const std::string words = "ab ab ab ac ab ";
+  const std::vector<int32_t> ids = (*spaced)->Encode(words, true);
+  EXPECT_NE(std::find(ids.begin(), ids.end(), 8), ids.end());  // "b▁" is used
+  EXPECT_EQ(FirstDifference(EncodeInPieces(**spaced, words, 1, &before), ids), "");
+  EXPECT_EQ(before, 11u);
+  EXPECT_FALSE((*spaced)->CanCutAt(words, 2));
+  EXPECT_TRUE((*spaced)->CanCutAt(words, 11));
+  EXPECT_TRUE((*spaced)->CanCutAt(text, 2));  // "b\n" is no token of this one
+}
+
+// At every place a PieceEncoder may cut, every pre-tokenizer's words are the same whether the text
+// is split there or not: the split adds no word boundary and moves none. (For the gpt2 vocabularies
+// without a GGUF here, llama-bpe and qwen2, this is what makes their ids equal.)
+TEST(PieceEncoder, PreTokenizersEndAWordAtEveryCut) {
+  const std::string text = PieceText();
+  for (const std::string& pre : Tokenizer::KnownPreTokenizers()) {
+    SCOPED_TRACE(pre);
+    auto tok = BytesOnly(pre);
+    ASSERT_NE(tok, nullptr);
+    std::vector<size_t> cuts = {0};
+    for (size_t p = 1; p < text.size(); ++p)
+      if (tok->CanCutAt(text, p)) cuts.push_back(p);
+    cuts.push_back(text.size());
+    ASSERT_GT(cuts.size(), 3000u);
+    const std::vector<std::string> whole = tok->PreTokenize(text);
+    std::vector<std::string> pieces;
+    for (size_t i = 0; i + 1 < cuts.size(); ++i)
+      for (std::string& w : tok->PreTokenize(text.substr(cuts[i], cuts[i + 1] - cuts[i]))) pieces.push_back(std::move(w));
+    ASSERT_EQ(pieces.size(), whole.size());
+    for (size_t i = 0; i < whole.size(); ++i) ASSERT_EQ(pieces[i], whole[i]) << "word " << i;
   }
 }
 

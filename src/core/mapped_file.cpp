@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -180,6 +181,32 @@ Status WriteFileAtomicallyWith(const std::string& path, const std::function<Stat
 
 Status WriteFileAtomically(const std::string& path, const void* bytes, size_t size) {
   return WriteFileAtomicallyWith(path, [&](int fd) { return WriteAll(fd, bytes, size, path); });
+}
+
+Status ReadFileInParts(const std::string& path, size_t part_bytes, const std::function<bool(std::string_view)>& consume,
+                       size_t max_bytes) {
+  size_t size = 0;
+  int fd;
+  DK_ASSIGN_OR_RETURN(fd, OpenRegularFile(path, &size));
+  struct Closer {
+    int fd;
+    ~Closer() { ::close(fd); }
+  } closer{fd};
+  if (size > max_bytes) {
+    return InvalidArgument(path + ": " + std::to_string(size) + " bytes; text files up to " +
+                           std::to_string(max_bytes) + " bytes are read");
+  }
+  std::string part(std::min(std::max<size_t>(part_bytes, 1), size), '\0');
+  size_t got = 0;
+  while (got < size) {
+    const ssize_t r = ::read(fd, part.data(), std::min(part.size(), size - got));
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) break;
+    got += static_cast<size_t>(r);
+    if (!consume(std::string_view(part.data(), static_cast<size_t>(r)))) return Status::Ok();
+  }
+  if (got != size) return IoError(path + ": read " + std::to_string(got) + " of " + std::to_string(size) + " bytes");
+  return Status::Ok();
 }
 
 StatusOr<std::string> ReadWholeFile(const std::string& path, size_t max_bytes) {

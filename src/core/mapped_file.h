@@ -7,6 +7,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <string_view>
 
 #include "core/status.h"
 
@@ -54,5 +55,10 @@ Status CheckWritableFile(const std::string& path);
 // string; larger than max_bytes is InvalidArgument naming the file.
 constexpr size_t kMaxTextBytes = size_t{1} << 30;
 StatusOr<std::string> ReadWholeFile(const std::string& path, size_t max_bytes = kMaxTextBytes);
+// The same file, refused in the same cases, read a part of at most part_bytes at a time: `consume`
+// gets the parts in order and returns false to stop early (the rest is not read). Memory is one
+// part, however large the file.
+Status ReadFileInParts(const std::string& path, size_t part_bytes, const std::function<bool(std::string_view)>& consume,
+                       size_t max_bytes = kMaxTextBytes);
 
 }  // namespace dk

@@ -3,6 +3,7 @@
 #include <chrono>
 #include <cmath>
 
+#include "core/mapped_file.h"
 #include "core/threads.h"
 
 namespace dk {
@@ -70,6 +71,22 @@ Status RunChunk(const Model& model, std::vector<int32_t>& chunk, KvCache& cache,
 }
 
 }  // namespace
+
+StatusOr<TextTokens> TokenizeTextFile(const Tokenizer& tokenizer, const std::string& path, size_t min_tokens,
+                                      size_t piece_bytes) {
+  TextTokens t;
+  Tokenizer::PieceEncoder enc(tokenizer, true, piece_bytes);
+  bool stopped = false;
+  DK_RETURN_IF_ERROR(ReadFileInParts(path, piece_bytes, [&](std::string_view part) {
+    enc.Add(part, t.ids);
+    stopped = min_tokens > 0 && t.ids.size() >= min_tokens;
+    return !stopped;
+  }));
+  if (!stopped) enc.Finish(t.ids);
+  t.whole = !stopped;
+  t.bytes_encoded = enc.bytes_encoded();
+  return t;
+}
 
 StatusOr<PerplexityResult> ComputePerplexity(const Model& model, const std::vector<int32_t>& tokens, KvCache& cache,
                                              KvCache* reference, const PerplexityOptions& opt, ThreadPool& pool,

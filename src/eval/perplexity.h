@@ -6,11 +6,13 @@
 
 #include <cstdint>
 #include <functional>
+#include <string>
 #include <vector>
 
 #include "core/status.h"
 #include "kv/kv_cache.h"
 #include "model/llama.h"
+#include "model/tokenizer.h"
 
 namespace dk {
 
@@ -53,6 +55,18 @@ struct PerplexityResult {
   double kv_bytes_per_token = 0.0;  // tested cache bytes per token, averaged over chunks
   double seconds = 0.0;             // wall time of the tested model's forward passes
 };
+
+// A text file's ids as Tokenizer::Encode(whole text, true) gives them, read and encoded a piece at
+// a time (Tokenizer::PieceEncoder), so memory follows the ids kept, not the text. With min_tokens
+// > 0, reading stops once at least that many ids exist: they are the first ids of the whole
+// text's, and `whole` is false. Errors (a missing file, one over the 1 GiB cap) name the file.
+struct TextTokens {
+  std::vector<int32_t> ids;
+  bool whole = true;        // the whole text was encoded (false: stopped after min_tokens)
+  uint64_t bytes_encoded = 0;
+};
+StatusOr<TextTokens> TokenizeTextFile(const Tokenizer& tokenizer, const std::string& path, size_t min_tokens = 0,
+                                      size_t piece_bytes = size_t{1} << 18);
 
 using PerplexityProgress = std::function<void(int chunk, int n_chunks, double running_ppl)>;
 

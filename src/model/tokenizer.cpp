@@ -538,6 +538,9 @@ struct Tokenizer::Impl {
   bool is_llama = true;
   bool is_bert = false;        // WordPiece (llama.cpp's WPM): no merges, longest match per word
   size_t max_token_len = 0;    // bert: the longest token text, in bytes
+  // Bytes X where some token's text has X followed by a newline / by a space (" " or "▁"): a text
+  // is not cut between X and that character (Tokenizer::CanCutAt), as a token could span the cut.
+  std::array<bool, 256> before_newline_in_token{}, before_space_in_token{};
   const PreTokenizerDef* pre = nullptr;  // gpt2
   std::unordered_map<std::string_view, int32_t> token_to_id;  // views into data.tokens
   std::array<int32_t, 256> byte_token{};                      // llama byte fallback per byte
@@ -566,8 +569,12 @@ struct Tokenizer::Impl {
   }
 
   void EncodeSpm(const std::string& escaped, std::vector<int32_t>& out) const;
-  std::vector<int32_t> EncodeText(const std::string& text, bool add_special,
+  std::vector<int32_t> EncodeText(std::string_view text, bool add_special,
                                   const std::vector<int32_t>& split_out) const;
+  // The text's fragments encoded (no BOS / EOS); prev_special: whether the text's first raw
+  // fragment gets the space prefix (llama), left as the next text would need it.
+  void EncodeFragments(std::string_view text, const std::vector<int32_t>& split_out, bool& prev_special,
+                       std::vector<int32_t>& out) const;
   void EncodeBpeWord(std::string_view word, std::vector<int32_t>& out) const;
   void EncodeWpm(std::string_view text, std::vector<int32_t>& out) const;
 };
@@ -837,6 +844,13 @@ StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromData(TokenizerData data) {
   std::stable_sort(impl->user_defined.begin(), impl->user_defined.end(), longer);
   std::stable_sort(impl->special_tokens.begin(), impl->special_tokens.end(), longer);
   if (d.eos_id >= 0) impl->eog.insert(d.eos_id);
+  for (const std::string& t : d.tokens) {
+    for (size_t i = 0; i + 1 < t.size(); ++i) {
+      const auto x = static_cast<unsigned char>(t[i]);
+      if (t[i + 1] == '\n') impl->before_newline_in_token[x] = true;
+      if (t[i + 1] == ' ' || t.compare(i + 1, kSpaceMarker.size(), kSpaceMarker) == 0) impl->before_space_in_token[x] = true;
+    }
+  }
 
   if (is_bert) {
     for (const std::string& t : d.tokens) impl->max_token_len = std::max(impl->max_token_len, t.size());
@@ -958,8 +972,18 @@ std::vector<int32_t> Tokenizer::EncodeWithSpecial(const std::string& text, bool 
 
 // Fragments: raw text ranges, or a token of `split_out` found in the text (llama.cpp splits
 // user-defined tokens out even when special-token parsing is off; control tokens only with it).
-std::vector<int32_t> Tokenizer::Impl::EncodeText(const std::string& text, bool add_special,
+std::vector<int32_t> Tokenizer::Impl::EncodeText(std::string_view text, bool add_special,
                                                  const std::vector<int32_t>& split_out) const {
+  std::vector<int32_t> out;
+  if (add_special && data.add_bos && data.bos_id >= 0) out.push_back(data.bos_id);
+  bool prev_special = true;  // llama: the first text fragment gets the space prefix
+  EncodeFragments(text, split_out, prev_special, out);
+  if (add_special && data.add_eos && data.eos_id >= 0) out.push_back(data.eos_id);
+  return out;
+}
+
+void Tokenizer::Impl::EncodeFragments(std::string_view text, const std::vector<int32_t>& split_out,
+                                      bool& prev_special, std::vector<int32_t>& out) const {
   const Impl& m = *this;
   const TokenizerData& d = m.data;
   struct Fragment {
@@ -976,7 +1000,7 @@ std::vector<int32_t> Tokenizer::Impl::EncodeText(const std::string& text, bool a
       if (f.token >= 0) { next.push_back(f); continue; }
       size_t pos = f.start;
       const size_t end = f.start + f.len;
-      for (size_t hit; (hit = std::string_view(text.data(), end).find(st, pos)) != std::string_view::npos;) {
+      for (size_t hit; (hit = text.substr(0, end).find(st, pos)) != std::string_view::npos;) {
         if (hit > pos) next.push_back({pos, hit - pos, -1});
         next.push_back({hit, st.size(), special});
         pos = hit + st.size();
@@ -986,9 +1010,6 @@ std::vector<int32_t> Tokenizer::Impl::EncodeText(const std::string& text, bool a
     frags = std::move(next);
   }
 
-  std::vector<int32_t> out;
-  if (add_special && d.add_bos && d.bos_id >= 0) out.push_back(d.bos_id);
-  bool prev_special = true;  // llama: the first text fragment gets the space prefix
   for (const Fragment& f : frags) {
     if (f.token >= 0) {
       out.push_back(f.token);
@@ -996,21 +1017,65 @@ std::vector<int32_t> Tokenizer::Impl::EncodeText(const std::string& text, bool a
       continue;
     }
     if (m.is_bert) {
-      m.EncodeWpm(std::string_view(text).substr(f.start, f.len), out);
+      m.EncodeWpm(text.substr(f.start, f.len), out);
     } else if (m.is_llama) {
       std::string piece = (d.add_space_prefix && prev_special) ? " " : "";
-      piece.append(text, f.start, f.len);
+      piece.append(text.substr(f.start, f.len));
       ReplaceAll(piece, " ", kSpaceMarker);
       m.EncodeSpm(piece, out);
     } else {
-      for (const std::string_view word : PreTokenizeWith(*m.pre, std::string_view(text).substr(f.start, f.len))) {
+      for (const std::string_view word : PreTokenizeWith(*m.pre, text.substr(f.start, f.len))) {
         m.EncodeBpeWord(word, out);
       }
     }
     prev_special = false;
   }
-  if (add_special && d.add_eos && d.eos_id >= 0) out.push_back(d.eos_id);
-  return out;
+}
+
+Tokenizer::PieceEncoder::PieceEncoder(const Tokenizer& tokenizer, bool add_special, size_t piece_bytes)
+    : tok_(tokenizer), add_special_(add_special), piece_bytes_(std::max<size_t>(piece_bytes, 1)) {}
+
+void Tokenizer::PieceEncoder::Encode(std::string_view piece, std::vector<int32_t>& out) {
+  const Impl& m = *tok_.impl_;
+  if (first_ && add_special_ && m.data.add_bos && m.data.bos_id >= 0) out.push_back(m.data.bos_id);
+  first_ = false;
+  m.EncodeFragments(piece, m.user_defined, prev_special_, out);
+  encoded_ += piece.size();
+}
+
+bool Tokenizer::CanCutAt(std::string_view text, size_t p) const {
+  if (p == 0 || p >= text.size() || (text[p] != '\n' && text[p] != ' ')) return false;
+  const auto x = static_cast<unsigned char>(text[p - 1]);
+  if (!((x >= '0' && x <= '9') || (x >= 'A' && x <= 'Z') || (x >= 'a' && x <= 'z'))) return false;
+  return !(text[p] == '\n' ? impl_->before_newline_in_token : impl_->before_space_in_token)[x];
+}
+
+void Tokenizer::PieceEncoder::Add(std::string_view text, std::vector<int32_t>& out) {
+  buffer_.append(text);
+  size_t start = 0;  // of the buffered text not yet encoded
+  while (buffer_.size() - start > piece_bytes_) {
+    // The first cut p at least piece_bytes in: buffer_[p - 1] is a letter or digit no token puts
+    // before a newline, buffer_[p] the newline.
+    size_t p = std::max(scan_from_, start + piece_bytes_);
+    while (p < buffer_.size() && !tok_.CanCutAt(buffer_, p)) ++p;
+    if (p >= buffer_.size()) {
+      scan_from_ = buffer_.size();
+      break;
+    }
+    Encode(std::string_view(buffer_).substr(start, p - start), out);
+    start = p;
+    scan_from_ = p;
+  }
+  buffer_.erase(0, start);
+  scan_from_ -= start;
+}
+
+void Tokenizer::PieceEncoder::Finish(std::vector<int32_t>& out) {
+  const Impl& m = *tok_.impl_;
+  if (!buffer_.empty() || first_) Encode(buffer_, out);
+  buffer_.clear();
+  scan_from_ = 0;
+  if (add_special_ && m.data.add_eos && m.data.eos_id >= 0) out.push_back(m.data.eos_id);
 }
 
 std::string Tokenizer::TokenToPiece(int32_t id, bool special) const {

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <unordered_map>
 #include <vector>
 
@@ -68,6 +69,43 @@ class Tokenizer {
   // becomes those tokens' ids (llama.cpp's parse_special=true, longest text first): for prompts
   // built from chat templates, never for text a user typed.
   std::vector<int32_t> EncodeWithSpecial(const std::string& text, bool add_special) const;
+  // Whether Encode's ids of a text are those of text[0, p) followed by those of text[p, end)
+  // (encoded with the state Encode carries across, see PieceEncoder): text[p - 1] is an ASCII
+  // letter or digit X, text[p] a newline or a space, and no token's text has X followed by that
+  // character (or by "▁" for a space). Then no vocabulary token spans p (not a SentencePiece merge
+  // over the ▁-escaped text, not a user-defined token split out), and every pre-tokenizer ends a
+  // word at p: a run of letters or digits ends there, and what starts at p is matched looking only
+  // forward, whatever came before.
+  bool CanCutAt(std::string_view text, size_t p) const;
+
+  // Encodes a text that arrives in parts (a large file read a block at a time) with memory bounded by
+  // the piece size, not the text: the ids are exactly Encode(whole text, add_special)'s. The text is
+  // cut into pieces of at least piece_bytes, each ending at the first place CanCutAt allows. The
+  // state a piece hands to the next is what Encode carries across the text: BOS only before the
+  // first piece, EOS only after the last, and the "▁" space prefix only on the text's first
+  // fragment (or one after a token split out). A text with no such place is one piece, as Encode.
+  class PieceEncoder {
+   public:
+    PieceEncoder(const Tokenizer& tokenizer, bool add_special, size_t piece_bytes = size_t{1} << 18);
+    // Appends `text` and encodes every whole piece buffered so far (ids appended to `out`).
+    void Add(std::string_view text, std::vector<int32_t>& out);
+    // Encodes what is left, then EOS where Encode would add it. Add must not follow.
+    void Finish(std::vector<int32_t>& out);
+    // Bytes of text encoded so far (those still buffered are not).
+    uint64_t bytes_encoded() const { return encoded_; }
+
+   private:
+    void Encode(std::string_view piece, std::vector<int32_t>& out);
+    const Tokenizer& tok_;
+    bool add_special_;
+    size_t piece_bytes_;
+    std::string buffer_;
+    size_t scan_from_ = 0;  // cuts before this buffer offset were looked for already
+    uint64_t encoded_ = 0;
+    bool first_ = true;         // BOS not yet written
+    bool prev_special_ = true;  // the next raw fragment gets the space prefix
+  };
+
   // Text of one token (▁ -> space, <0xXX> -> the byte). special: control and unknown tokens as
   // their text ("<s>"), as llama.cpp's detokenizer; without it, as text shown to a user: control
   // tokens nothing, an unknown one U+2585 (llama.cpp's token_to_piece(special=false)). Generated

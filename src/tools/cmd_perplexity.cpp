@@ -1,4 +1,5 @@
 // dynakv perplexity: llama.cpp's perplexity procedure; optionally KL divergence from the full cache.
+#include <algorithm>
 #include <cstdio>
 
 #include "core/mapped_file.h"
@@ -43,9 +44,12 @@ int CmdPerplexity(int argc, char** argv) {
   auto model = Model::Load(model_path);
   if (!model.ok()) return Fail("perplexity", model.status());
   const Model& m = **model;
-  auto text = ReadWholeFile(text_file);
+  // With --chunks N only the first max(N, 2) chunks' tokens are needed: the text is encoded a piece
+  // at a time until they exist (the same ids as encoding it whole), not all of a text of up to 1 GiB.
+  const size_t needed = chunks > 0 ? static_cast<size_t>(std::max(chunks, 2)) * static_cast<size_t>(n_ctx) : 0;
+  auto text = TokenizeTextFile(m.tokenizer(), text_file, needed);
   if (!text.ok()) return Fail("perplexity", text.status());
-  const std::vector<int32_t> tokens = m.tokenizer().Encode(*text, true);
+  const std::vector<int32_t>& tokens = text->ids;
   // Checks that cost nothing come before anything is allocated for the run.
   if (static_cast<int64_t>(tokens.size()) < 2LL * n_ctx)
     return Fail("perplexity", InvalidArgument("-c " + std::to_string(n_ctx) + ": the text has " +
@@ -68,8 +72,13 @@ int CmdPerplexity(int argc, char** argv) {
   ConfigureBlasFor(threads);
   const int n_chunks_total = static_cast<int>(tokens.size() / n_ctx);
   const int n_chunks = chunks > 0 ? std::min(chunks, n_chunks_total) : n_chunks_total;
-  std::fprintf(stderr, "perplexity: %zu tokens, %d chunks of %d, kv cache %s\n", tokens.size(), n_chunks, n_ctx,
-               (*cache)->name().c_str());
+  if (text->whole)
+    std::fprintf(stderr, "perplexity: %zu tokens, %d chunks of %d, kv cache %s\n", tokens.size(), n_chunks, n_ctx,
+                 (*cache)->name().c_str());
+  else
+    std::fprintf(stderr, "perplexity: %zu tokens (from the text's first %llu bytes: enough for --chunks %d), %d chunks "
+                 "of %d, kv cache %s\n", tokens.size(), static_cast<unsigned long long>(text->bytes_encoded), chunks,
+                 n_chunks, n_ctx, (*cache)->name().c_str());
   ProgressBar bar("perplexity", n_chunks, !quiet);
   PerplexityOptions opt{n_ctx, n_batch, chunks, prompt_then_decode || !kv.evict.empty(), decode_batch};
   if (opt.prompt_then_decode)
