@@ -5,14 +5,20 @@
 // missing (scripts/setup.sh installs them).
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <httplib.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -505,6 +511,98 @@ TEST(ServeE2E, SigtermEndsRunningRequestsAndExitsZero) {
   client.join();
   EXPECT_THAT(body, HasSubstr("\"code\":\"shutting_down\""));
   EXPECT_THAT(server.Log(), HasSubstr("shutting down"));
+}
+
+// A client that connects and sends "G", the first byte of a request head; -1 if it cannot.
+int SlowClient(int port) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return -1;
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(static_cast<uint16_t>(port));
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0 || send(fd, "G", 1, MSG_NOSIGNAL) != 1) {
+    close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+// Whether the server has closed (or reset) the connection.
+bool ClosedByServer(int fd) {
+  char c;
+  const ssize_t n = recv(fd, &c, 1, MSG_DONTWAIT);
+  return n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK);
+}
+
+// Seconds a /health request takes to answer 200 (-1: no answer within 5 s).
+double HealthSeconds(int port) {
+  const auto t0 = std::chrono::steady_clock::now();
+  httplib::Client c("127.0.0.1", port);
+  c.set_connection_timeout(5);
+  c.set_read_timeout(5);
+  auto r = c.Get("/health");
+  if (!r || r->status != 200) return -1;
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// Clients sending their request head a byte every 2 s (slowloris): with 60 of them connected,
+// /health still answers at once (each connection has a thread of its own; httplib's pool of
+// 2 * (slots + queue) + 8 threads was all theirs, and /health went unanswered for half a minute),
+// and connecting them all is quick (the listen backlog was 5);
+// a head not done 10 s after connecting is cut off; and SIGTERM with --grace 1 closes the
+// connections waiting for a head and exits within a few seconds (it waited for them: 23-41 s).
+TEST(ServeE2E, SlowClientsHoldUpNeitherHealthNorShutdown) {
+  ServeProcess server;
+  ASSERT_NO_FATAL_FAILURE(server.Start("--parallel 1 --grace 1 " + kFlags));
+  const std::string head = "ET /health HTTP/1.1\r\nHost: slow\r\n";  // never the blank line that ends it
+  std::vector<int> slow;
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < 60; ++i) {
+    const int fd = SlowClient(server.port());
+    ASSERT_GE(fd, 0) << "client " << i;
+    slow.push_back(fd);
+  }
+  // httplib's listen backlog of 5 overflowed in such a burst: dropped SYNs, resent a second later.
+  const double connect_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_LT(connect_s, 0.9) << "60 connections one after another";
+  std::atomic<bool> done{false};
+  std::thread trickle([&] {
+    for (size_t i = 0; !done; ++i) {
+      for (int k = 0; k < 40 && !done; ++k) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      for (const int fd : slow) send(fd, &head[i % head.size()], 1, MSG_NOSIGNAL);
+    }
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(700));  // all accepted and reading
+  double worst = 0;
+  for (int i = 0; i < 3; ++i) {
+    const double s = HealthSeconds(server.port());
+    worst = s < 0 ? 5 : std::max(worst, s);
+    EXPECT_GE(s, 0.0) << "/health unanswered with 60 slow clients";
+    EXPECT_LT(s, 1.0) << "/health with 60 slow clients";
+    std::this_thread::sleep_for(std::chrono::milliseconds(1000));
+  }
+  // Past the 10 s deadline for a request head: every slow connection has been closed.
+  std::this_thread::sleep_until(t0 + std::chrono::milliseconds(11500));
+  int closed = 0;
+  for (const int fd : slow) closed += ClosedByServer(fd);
+  EXPECT_EQ(closed, 60) << "connections still waiting for their head after 11.5 s";
+  done = true;
+  trickle.join();
+  for (const int fd : slow) close(fd);
+
+  // Shutdown: new slow clients, then SIGTERM with --grace 1.
+  slow.clear();
+  for (int i = 0; i < 20; ++i) slow.push_back(SlowClient(server.port()));
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  const auto t1 = std::chrono::steady_clock::now();
+  EXPECT_EQ(server.Stop(15), 0) << server.Log();
+  const double stop_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
+  EXPECT_LT(stop_s, 3.0) << "SIGTERM with --grace 1 and 20 slow clients";
+  std::printf("60 connections in %.3f s; /health with 60 slow clients: slowest of 3 answers %.3f s (5: none); "
+              "SIGTERM with 20 slow clients, --grace 1: exited in %.2f s\n", connect_s, worst, stop_s);
+  for (const int fd : slow)
+    if (fd >= 0) close(fd);
 }
 
 // ---- load ---------------------------------------------------------------------------------------------------

@@ -18,8 +18,12 @@
 #include <csignal>
 #include <cstdio>
 #include <ctime>
+#include <iterator>
+#include <map>
+#include <memory>
 #include <mutex>
 #include <optional>
+#include <system_error>
 #include <thread>
 
 #include "model/llama.h"
@@ -85,6 +89,103 @@ bool PeerGone(int fd) {
   if (n > 0) return false;
   if (n == 0) return true;
   return errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR;
+}
+
+// ---- connections waiting for a request head -------------------------------------------------------
+// httplib 0.11 reads a request head with a timeout per read(): a client sending a byte every few
+// seconds holds its connection thread for as long as it likes, and at shutdown httplib joins that
+// thread. So each connection gets a thread of its own (a /health check never waits behind slow
+// clients), and a watchdog shuts down every connection that has not finished a request head within
+// kHeadTimeoutS of being accepted or of its previous response (nginx's client_header_timeout); at
+// shutdown every connection not inside a request is shut down at once.
+
+constexpr double kHeadTimeoutS = 10.0;
+constexpr size_t kMaxConnections = 512;  // connection threads; beyond, accept waits
+
+// One thread per connection, at most `max` at once; shutdown() waits for all of them.
+class ConnectionThreads : public httplib::TaskQueue {
+ public:
+  explicit ConnectionThreads(size_t max) : max_(max) {}
+  void enqueue(std::function<void()> fn) override {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [this] { return running_ < max_; });
+    ++running_;
+    auto run = std::make_shared<std::function<void()>>(std::move(fn));
+    try {
+      std::thread([this, run] {
+        (*run)();
+        std::lock_guard<std::mutex> done(mu_);
+        --running_;
+        cv_.notify_all();
+      }).detach();
+    } catch (const std::system_error&) {  // no thread to be had (a limit): serve it here, slowly
+      --running_;
+      lock.unlock();
+      (*run)();
+    }
+  }
+  void shutdown() override {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [this] { return running_ == 0; });
+  }
+
+ private:
+  const size_t max_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  size_t running_ = 0;
+};
+
+// A connection by its peer, as httplib names it in a Request (numeric address, port).
+using PeerKey = std::pair<std::string, int>;
+
+// The accepted connections of the server listening on `port`: (socket, peer).
+std::vector<std::pair<int, PeerKey>> AcceptedConnections(int port) {
+  std::vector<std::pair<int, PeerKey>> out;
+  DIR* dir = opendir("/proc/self/fd");
+  if (dir == nullptr) return out;
+  for (dirent* e; (e = readdir(dir)) != nullptr;) {
+    char* end = nullptr;
+    const long fd = std::strtol(e->d_name, &end, 10);
+    if (end == e->d_name || *end != '\0' || fd == dirfd(dir)) continue;
+    struct stat st;
+    if (fstat(static_cast<int>(fd), &st) != 0 || !S_ISSOCK(st.st_mode)) continue;
+    sockaddr_storage local{}, peer{};
+    socklen_t llen = sizeof(local), plen = sizeof(peer);
+    if (getsockname(static_cast<int>(fd), reinterpret_cast<sockaddr*>(&local), &llen) != 0 || PortOf(local) != port)
+      continue;
+    if (getpeername(static_cast<int>(fd), reinterpret_cast<sockaddr*>(&peer), &plen) != 0) continue;  // the listener
+    char host[NI_MAXHOST];
+    if (getnameinfo(reinterpret_cast<sockaddr*>(&peer), plen, host, sizeof(host), nullptr, 0, NI_NUMERICHOST) != 0)
+      continue;
+    out.push_back({static_cast<int>(fd), PeerKey(host, PortOf(peer))});
+  }
+  closedir(dir);
+  return out;
+}
+
+// httplib 0.11 listens with a backlog of 5: a burst of connections (60 slow clients, a load test)
+// overflows it and the kernel drops SYNs, which clients resend after a second. listen() again on
+// the listening socket (found by its port) raises the backlog, as nginx's 511.
+void RaiseListenBacklog(int port) {
+  DIR* dir = opendir("/proc/self/fd");
+  if (dir == nullptr) return;
+  for (dirent* e; (e = readdir(dir)) != nullptr;) {
+    char* end = nullptr;
+    const long fd = std::strtol(e->d_name, &end, 10);
+    if (end == e->d_name || *end != '\0' || fd == dirfd(dir)) continue;
+    struct stat st;
+    if (fstat(static_cast<int>(fd), &st) != 0 || !S_ISSOCK(st.st_mode)) continue;
+    int listening = 0;
+    socklen_t len = sizeof(listening);
+    sockaddr_storage local{};
+    socklen_t llen = sizeof(local);
+    if (getsockopt(static_cast<int>(fd), SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) != 0 || !listening) continue;
+    if (getsockname(static_cast<int>(fd), reinterpret_cast<sockaddr*>(&local), &llen) != 0 || PortOf(local) != port)
+      continue;
+    ::listen(static_cast<int>(fd), SOMAXCONN);
+  }
+  closedir(dir);
 }
 
 // ---- errors ---------------------------------------------------------------------------------------
@@ -196,6 +297,22 @@ struct Server::Impl {
   int in_flight = 0;
   bool stop_started = false, stopped = false, listener_ended = false;
   bool loaded = false;  // the members above are set (under mu)
+
+  // Connections: since when each waits for a request head (accepted, or its last response sent),
+  // or busy (inside a request). Under conn_mu; the watchdog sweeps them every 250 ms.
+  struct Connection {
+    Clock::time_point since;
+    bool busy = false;
+    Clock::time_point seen;  // last found open
+  };
+  std::mutex conn_mu;
+  std::map<PeerKey, Connection> connections;
+  std::thread watchdog;
+  bool watchdog_stop = false;  // under mu
+  // Shuts down the connections waiting for a request head longer than kHeadTimeoutS; with
+  // `waiting`, every one waiting; with `all`, every one.
+  void Sweep(bool waiting, bool all);
+  void MarkBusy(const httplib::Request& req, bool busy);
 
   void Routes();
   std::shared_ptr<void> Track();
@@ -485,8 +602,42 @@ void Server::Impl::Routes() {
   http.set_write_timeout(10);
   // Every running or queued request holds a connection thread: room for all of them, and for
   // health checks and refusals besides.
-  const size_t workers = 2 * static_cast<size_t>(opt.n_slots + opt.queue) + 8;
-  http.new_task_queue = [workers] { return new httplib::ThreadPool(workers); };
+  // A thread per connection (see ConnectionThreads), so a connection slow to send its request head
+  // holds no thread a /health check or a queued request needs.
+  const size_t workers = std::max(kMaxConnections, 2 * static_cast<size_t>(opt.n_slots + opt.queue) + 8);
+  http.new_task_queue = [workers] { return new ConnectionThreads(workers); };
+  http.set_pre_routing_handler([this](const Request& req, Response&) {
+    MarkBusy(req, true);
+    return httplib::Server::HandlerResponse::Unhandled;
+  });
+  http.set_logger([this](const Request& req, const Response&) { MarkBusy(req, false); });  // after the response
+}
+
+void Server::Impl::MarkBusy(const httplib::Request& req, bool busy) {
+  std::lock_guard<std::mutex> lock(conn_mu);
+  const Clock::time_point now = Clock::now();
+  Connection& c = connections.try_emplace(PeerKey(req.remote_addr, req.remote_port), Connection{now, false, now}).first->second;
+  c.busy = busy;
+  c.since = now;
+}
+
+void Server::Impl::Sweep(bool waiting, bool all) {
+  const auto open = AcceptedConnections(port);
+  const Clock::time_point now = Clock::now();
+  std::lock_guard<std::mutex> lock(conn_mu);
+  for (const auto& [fd, key] : open) {
+    auto it = connections.try_emplace(key, Connection{now, false, now}).first;
+    Connection& c = it->second;
+    c.seen = now;
+    const bool late = std::chrono::duration<double>(now - c.since).count() > kHeadTimeoutS;
+    if (all || (!c.busy && (waiting || late))) ::shutdown(fd, SHUT_RDWR);  // httplib's read ends; it closes
+  }
+  // Closed connections are forgotten; one inside a request only after a minute unseen (a request
+  // is never cut off because one look at /proc missed its socket).
+  for (auto it = connections.begin(); it != connections.end();) {
+    const double unseen = std::chrono::duration<double>(now - it->second.seen).count();
+    it = (unseen > 0 && (!it->second.busy || unseen > 60)) ? connections.erase(it) : std::next(it);
+  }
 }
 
 void Server::Impl::Shutdown() {
@@ -501,15 +652,35 @@ void Server::Impl::Shutdown() {
     if (slots) slots->Drain();  // queued requests are refused now
   }
   http.stop();  // no new connections; open ones end after their current request
+  if (port > 0) Sweep(true, false);  // connections not inside a request: idle, or a head still coming
   auto idle = [this] { return in_flight == 0; };
   {
     std::unique_lock<std::mutex> lock(mu);
     if (!cv.wait_for(lock, std::chrono::microseconds(static_cast<int64_t>(opt.grace_s * 1e6)), idle)) {
       cancel_all = true;  // each running request stops before its next forward pass
+      if (!cv.wait_for(lock, std::chrono::seconds(1), idle) && port > 0) {
+        lock.unlock();
+        Sweep(true, true);  // a request still reading its body: its connection ends now
+        lock.lock();
+      }
       cv.wait(lock, idle);
     }
   }
+  // What is left (a request still sending its body, a response not read) ends now.
+  if (port > 0 && listener.joinable()) {
+    std::unique_lock<std::mutex> lock(mu);
+    if (!cv.wait_for(lock, std::chrono::seconds(1), [this] { return listener_ended; })) {
+      lock.unlock();
+      Sweep(true, true);
+    }
+  }
   if (listener.joinable()) listener.join();  // httplib joins its connection threads
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    watchdog_stop = true;
+  }
+  cv.notify_all();
+  if (watchdog.joinable()) watchdog.join();
   {
     std::lock_guard<std::mutex> lock(mu);
     stopped = true;
@@ -531,6 +702,7 @@ Status Server::Start() {
   if (s.port < 0)
     return IoError("cannot listen on " + s.opt.host + ":" + std::to_string(s.opt.port) +
                    " (the port is in use, or the host is not an address of this machine)");
+  RaiseListenBacklog(s.port);
   s.listener = std::thread([&s] {
     s.http.listen_after_bind();
     std::lock_guard<std::mutex> lock(s.mu);
@@ -540,6 +712,15 @@ Status Server::Start() {
   // Stop must find the server running, or httplib's stop would be lost.
   for (int i = 0; i < 5000 && !s.http.is_running(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
   if (!s.http.is_running()) return Internal("the HTTP server did not start within 5 s");
+  s.watchdog = std::thread([&s] {
+    std::unique_lock<std::mutex> lock(s.mu);
+    while (!s.cv.wait_for(lock, std::chrono::milliseconds(250), [&s] { return s.watchdog_stop; })) {
+      const bool stopping = s.stop_started;
+      lock.unlock();
+      s.Sweep(stopping, false);
+      lock.lock();
+    }
+  });
   return Status::Ok();
 }
 
