@@ -85,8 +85,9 @@ std::map<std::string, std::map<std::string, std::string>> Flags() {
 }
 
 // Further flag sets of storage methods, run through the same suite, alone and under every wrapper:
-// the rotated layouts, and 2-bit KIVI with a residual of two groups (groups of 4 at 2 bits: bytes
-// after the batches 40, 44, 48, 60 x D, still growing).
+// the rotated layouts, 2-bit KIVI with a residual of two groups (groups of 4 at 2 bits: bytes
+// after the batches 40, 44, 48, 60 x D, still growing), and DynaKV's batch-invariant policies
+// (uniform ranks, energy at a fixed tau; the energy budget of Flags() bisects per batch).
 struct Variant {
   std::string label, method;
   std::map<std::string, std::string> flags;
@@ -99,6 +100,8 @@ std::vector<Variant> Variants() {
       {"kivi_2bit_hadamard",
        "kivi",
        {{"--kivi-bits", "2"}, {"--kivi-group", "4"}, {"--kivi-residual", "8"}, {"--hadamard", "1"}}},
+      {"dynakv_uniform", "dynakv", {{"--profile", ProfilePath()}, {"--rank-policy", "uniform"}, {"--rank", "20"}}},
+      {"dynakv_energy_tau", "dynakv", {{"--profile", ProfilePath()}, {"--rank-policy", "energy"}, {"--tau", "0.9"}}},
   };
 }
 
@@ -318,6 +321,61 @@ TEST_P(Conformance, AppendAttendRetainClearAndRefuse) {
   ASSERT_FALSE(over.ok()) << c.Name();
   EXPECT_EQ(over.status().code(), Code::kResourceExhausted) << c.Name();
   EXPECT_TRUE(cache.Plan(left).ok()) << c.Name();
+}
+
+// A cache that says it is batch-invariant (KvCache::BatchInvariant, what the server's prefix reuse
+// relies on) stores the same bits for the same tokens however they were batched and wherever
+// prompts ended: 30 tokens as one prompt, or as a prompt of 7, two decode steps, a second prompt of
+// 12 and one of 9 (a chat's next turns). Then one more token attends alike in both.
+TEST_P(Conformance, BatchInvariantCachesStoreTheSameWhateverTheBatches) {
+  const Combo c = GetParam();
+  std::mt19937_64 rng(29);
+  const Batch all = RandomBatch(30, rng), next = RandomBatch(1, rng);
+  auto slice = [&](int first, int n) {
+    Batch b{n, {}, {}, {}, {}};
+    auto cut = [&](const std::vector<float>& src, std::vector<float>* dst, int width) {
+      dst->assign(src.begin() + static_cast<ptrdiff_t>(first) * width, src.begin() + static_cast<ptrdiff_t>(first + n) * width);
+    };
+    cut(all.k, &b.k, kShape.kv_dim());
+    cut(all.v, &b.v, kShape.kv_dim());
+    cut(all.x, &b.x, kShape.n_embd);
+    cut(all.q, &b.q, kShape.q_dim());
+    return b;
+  };
+  auto one = Make(c), cut = Make(c);
+  ASSERT_TRUE(one.ok() && cut.ok()) << c.Name();
+  if (!(*one)->BatchInvariant()) {
+    // Only what the documentation names: eviction, and DynaKV's energy policy with a byte budget.
+    EXPECT_TRUE(!c.wrapper.empty() || (c.storage == "dynakv" && c.variant.empty())) << c.Name();
+    return;
+  }
+  ThreadPool pool(2);
+  RunBatch(**one, all, pool, c.Name() + " in one batch");
+  ASSERT_TRUE((*one)->EndPrompt(pool).ok());
+  int first = 0;
+  for (const auto& [n, prompt_ends] : std::vector<std::pair<int, bool>>{{7, true}, {1, false}, {1, false}, {12, true}, {9, true}}) {
+    RunBatch(**cut, slice(first, n), pool, c.Name() + " in pieces");
+    if (prompt_ends) {
+      ASSERT_TRUE((*cut)->EndPrompt(pool).ok());
+    }
+    first += n;
+  }
+  ASSERT_EQ(first, all.n);
+  EXPECT_EQ((*one)->BytesUsed(), (*cut)->BytesUsed()) << c.Name();
+  const int D = kShape.kv_dim();
+  for (int l = 0; l < kShape.n_layer; ++l) {
+    ASSERT_EQ((*one)->Stored(l), (*cut)->Stored(l)) << c.Name();
+    const int T = (*one)->Stored(l);
+    std::vector<float> a(static_cast<size_t>(T) * D), b(a.size());
+    (*one)->ReadKeys(l, 0, T, a.data());
+    (*cut)->ReadKeys(l, 0, T, b.data());
+    EXPECT_EQ(a, b) << c.Name() << ": keys of layer " << l << " depend on the batches";
+    (*one)->ReadValues(l, 0, T, a.data());
+    (*cut)->ReadValues(l, 0, T, b.data());
+    EXPECT_EQ(a, b) << c.Name() << ": values of layer " << l << " depend on the batches";
+  }
+  EXPECT_EQ(RunBatch(**one, next, pool, c.Name() + " next"), RunBatch(**cut, next, pool, c.Name() + " next"))
+      << c.Name();
 }
 
 INSTANTIATE_TEST_SUITE_P(AllMethods, Conformance, ::testing::ValuesIn(AllCombos()),

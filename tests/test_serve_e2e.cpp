@@ -423,6 +423,54 @@ TEST(ServeE2E, TheNextRequestReusesTheSlotsPrefix) {
   EXPECT_EQ(server.Stop(), 0) << server.Log();
 }
 
+// The same greedy request gives the same text on a slot that holds its prefix and on a fresh slot,
+// for every DynaKV rank policy. Uniform ranks are batch-invariant: the prefix is reused. The energy
+// policy with a byte budget bisects its tau over each batch, so a prefix laid down in other
+// batches would hold other ranks (it changed the text of most of these prompts): that slot starts
+// over instead (KvCache::BatchInvariant), and the metrics show no reuse.
+TEST(ServeE2E, ADynaKvSlotThatHoldsThePrefixAnswersAsAFreshOne) {
+  const std::string profile = Temp("reuse.dkv");
+  const test::CliResult cal = test::RunCli("calibrate -m " + kModel + " -f " + DataPath("calib.txt") +
+                                           " --chunks 20 -t 2 -o " + profile);
+  ASSERT_EQ(cal.exit_code, 0) << cal.err;
+  const std::vector<std::pair<std::string, std::string>> turns = {
+      {"In the beginning God created the heaven and the earth. And the earth was without form, and void;",
+       " and darkness was upon the face of the deep. And the Spirit of God moved upon the face of the waters."},
+      {"The jury further said in term-end presentments that the City Executive Committee, which had over-all charge",
+       " of the election, deserves the praise and thanks of the City of Atlanta for the manner in which it was conducted."},
+      {"And it came to pass, when men began to multiply on the face of the earth, and daughters were born unto them,",
+       " that the sons of God saw the daughters of men that they were fair; and they took them wives of all which they chose."},
+      {"It was a bright cold day, and the committee had met in the old hall to decide what should be done about the",
+       " roads, the schools and the taxes that the county had raised in the spring, as the mayor had promised."},
+  };
+  for (const std::string policy : {"--rank-policy uniform --kv-budget 0.25", "--rank-policy energy --kv-budget 0.25"}) {
+    const bool reuses = policy.find("uniform") != std::string::npos;
+    ServeProcess server;
+    ASSERT_NO_FATAL_FAILURE(server.Start("--parallel 1 --kv dynakv --profile " + profile + " " + policy + " " + kFlags));
+    auto complete = [&](const std::string& prompt, int max_tokens) {
+      auto r = Post(server, "/v1/completions",
+                    json{{"prompt", prompt}, {"max_tokens", max_tokens}, {"temperature", 0}}.dump());
+      EXPECT_TRUE(r && r->status == 200) << policy << ": " << (r ? r->body : "no response");
+      return r && r->status == 200 ? json::parse(r->body)["choices"][0]["text"].get<std::string>() : std::string();
+    };
+    int reused_expected = 0;
+    for (const auto& [first, rest] : turns) {
+      const std::vector<int32_t> a = Tok().Encode(first, true), b = Tok().Encode(first + rest, true);
+      ASSERT_TRUE(std::equal(a.begin(), a.end(), b.begin())) << "the test needs a token-level prefix: " << first;
+      complete("Unrelated words to take the slot.", 1);
+      const std::string fresh = complete(first + rest, 24);  // the slot held something else: starts over
+      complete(first, 1);  // the slot now holds exactly `first`
+      const std::string again = complete(first + rest, 24);
+      EXPECT_EQ(again, fresh) << policy << ": a slot holding the prompt's first " << a.size()
+                              << " tokens answered otherwise than a fresh one";
+      if (reuses) reused_expected += static_cast<int>(a.size());
+    }
+    EXPECT_EQ(Metric(server.url(), "dynakv_prompt_tokens_reused_total"), static_cast<double>(reused_expected)) << policy;
+    EXPECT_EQ(server.Stop(), 0) << server.Log();
+  }
+  std::remove(profile.c_str());
+}
+
 bool WaitForMetric(const std::string& url, const std::string& name, double value, double timeout_s) {
   const auto until = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
   while (Metric(url, name) != value) {

@@ -54,6 +54,7 @@ class DynaKvCache final : public KvCache {
   Status Retain(int layer, const std::vector<std::vector<int>>& keep) override;
   // Latents + metadata + offset index of the tokens stored (docs/kv_layout.md, "Bytes").
   size_t BytesUsed() const override;
+  bool BatchInvariant() const override { return policy_->BatchInvariant(); }
   // Arena, metadata and index allocations.
   size_t BytesReserved() const override;
 

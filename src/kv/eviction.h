@@ -32,6 +32,7 @@ class EvictingKvCache : public KvCacheWrapper {
   void Attend(int layer, const KvPlan& plan, const float* q, float* out, ThreadPool& pool) override;
   Status Retain(int layer, const std::vector<std::vector<int>>& keep) override;
   Status EndPrompt(ThreadPool& pool) override;
+  bool BatchInvariant() const override { return false; }  // what is kept depends on where prompts end
 
   // Original positions of the tokens a layer keeps, per kept set (one, or one per KV head).
   const std::vector<int>& Positions(int layer, int set) const { return pos_[layer][set]; }

@@ -92,6 +92,13 @@ class KvCache {
   virtual bool PerHeadRetain() const { return false; }
   // The prompt has been read (the caller decides what a prompt is). Eviction wrappers compress now.
   virtual Status EndPrompt(ThreadPool& pool);
+  // True when what the cache stores for a sequence of tokens depends on the tokens alone, not on
+  // how they were cut into batches or where EndPrompt was called: then a cache holding a prefix,
+  // extended by the rest, holds exactly what a fresh cache given the whole sequence holds (the
+  // server reuses a slot's prefix only then). False for eviction (it compresses at the end of a
+  // prompt) and for the energy policy with a byte budget (its tau is bisected over each batch).
+  // The conformance suite checks every method that says true.
+  virtual bool BatchInvariant() const { return true; }
 
   // Bytes stored for the tokens each layer holds (payload plus per-token metadata).
   virtual size_t BytesUsed() const = 0;
@@ -133,6 +140,7 @@ class KvCacheWrapper : public KvCache {
   Status Retain(int layer, const std::vector<std::vector<int>>& keep) override { return inner_->Retain(layer, keep); }
   bool PerHeadRetain() const override { return inner_->PerHeadRetain(); }
   Status EndPrompt(ThreadPool& pool) override { return inner_->EndPrompt(pool); }
+  bool BatchInvariant() const override { return inner_->BatchInvariant(); }
   size_t BytesUsed() const override { return inner_->BytesUsed(); }
   size_t BytesReserved() const override { return inner_->BytesReserved(); }
 

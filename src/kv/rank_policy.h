@@ -61,6 +61,9 @@ class RankPolicy {
   virtual void Choose(int layer, int n, const float* c_k, const float* c_v, const float* x, TokenRanks* out) = 0;
   // Forgets running state (budget controllers) when the cache is cleared.
   virtual void Reset() {}
+  // True when a token's ranks depend on the tokens up to it alone, not on how they were batched
+  // (KvCache::BatchInvariant).
+  virtual bool BatchInvariant() const { return true; }
   // Expected latent numbers (r_K + r_V) per token per layer: sizes the cache's first reservation.
   virtual double ExpectedElemsPerToken() const = 0;
 };

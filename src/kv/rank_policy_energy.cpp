@@ -71,6 +71,7 @@ class EnergyBudgetRankPolicy final : public RankPolicy {
     return std::max(2.0, (budget_ * 4.0 * ctx_.kv_dim - ctx_.cost.meta_bytes) / ctx_.cost.elem_bytes);
   }
   void Reset() override { layers_.assign(ctx_.n_layer, LayerState{}); }
+  bool BatchInvariant() const override { return false; }  // one tau per batch
 
   void Choose(int layer, int n, const float* c_k, const float* c_v, const float* /*x*/, TokenRanks* out) override {
     LayerState& st = layers_[layer];

@@ -87,7 +87,8 @@ StatusOr<GenerationResult> RunGeneration(ForwardGate& gate, Slot& slot, const st
                            std::to_string(slot.cache->capacity()));
   GenerationResult r;
   r.n_prompt = static_cast<int>(prompt.size());
-  const size_t reuse = ReusablePrefix(slot.tokens, prompt);
+  const std::vector<int32_t>* held = ReusableTokens(slot);
+  const size_t reuse = held != nullptr ? ReusablePrefix(*held, prompt) : 0;
   r.n_reused = static_cast<int>(reuse);
   if (reuse == 0) ClearSlot(slot);
   // Batches as Generate cuts them (from the first new token), so a fresh slot computes exactly

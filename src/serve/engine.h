@@ -67,8 +67,8 @@ struct GenerationResult {
   int n_generated = 0;  // tokens of the answer (an end-of-generation token is not counted)
 };
 
-// Runs `prompt` on a leased slot: keeps the slot's cached prefix when the prompt extends it
-// (else clears the cache), prefills the rest in batches of n_batch, calls EndPrompt, then
+// Runs `prompt` on a leased slot: keeps the slot's cached prefix when the prompt extends it and
+// the cache is batch-invariant (else clears the cache), prefills the rest in batches of n_batch, calls EndPrompt, then
 // samples up to max_tokens, feeding each token back. on_text receives the answer's text as it
 // becomes safe to send (stop strings removed, whole UTF-8 characters); it and keep_going
 // (checked before each forward pass) return false to cancel. The slot's token list always

@@ -9,6 +9,10 @@ size_t ReusablePrefix(const std::vector<int32_t>& held, const std::vector<int32_
   return std::equal(held.begin(), held.end(), prompt.begin()) ? held.size() : 0;
 }
 
+const std::vector<int32_t>* ReusableTokens(const Slot& slot) {
+  return slot.cache->BatchInvariant() ? &slot.tokens : nullptr;
+}
+
 SlotChoice ChooseSlot(const std::vector<SlotView>& slots, const std::vector<int32_t>& prompt) {
   SlotChoice best;
   uint64_t best_used = 0;
@@ -56,7 +60,8 @@ SlotPool::SlotPool(std::vector<std::unique_ptr<KvCache>> caches, int queue_capac
 
 SlotLease SlotPool::TakeLocked(const std::vector<int32_t>& prompt) {
   std::vector<SlotView> views(slots_.size());
-  for (size_t i = 0; i < slots_.size(); ++i) views[i] = {busy_[i], last_used_[i], &slots_[i]->tokens};
+  for (size_t i = 0; i < slots_.size(); ++i) views[i] = {busy_[i], last_used_[i],
+                                                   ReusableTokens(*slots_[i])};
   const SlotChoice c = ChooseSlot(views, prompt);
   if (c.slot < 0) return SlotLease();
   busy_[c.slot] = true;

@@ -1,7 +1,9 @@
 // Slots and the queue in front of them. A slot is one sequence: its own KV cache (created once at
 // start) and the tokens that cache holds. A request leases a free slot for its whole run; a slot
 // whose tokens are a prefix of the new prompt (the next turn of a chat: the previous prompt and
-// answer) is preferred, and only the new tokens are then computed. Requests that find every slot
+// answer) is preferred, and only the new tokens are then computed, which gives exactly what a fresh
+// slot would (slots whose cache is not batch-invariant, KvCache::BatchInvariant, are never
+// reused: eviction and the energy policy with a byte budget start over). Requests that find every slot
 // busy wait in a bounded FIFO queue; beyond it they are refused at once.
 #pragma once
 
@@ -35,6 +37,10 @@ struct Slot {
 // How many leading tokens of `prompt` a cache holding `held` can keep: all of `held` when it is a
 // proper prefix of the prompt (one new token at least must run, to give the next logits), else 0.
 size_t ReusablePrefix(const std::vector<int32_t>& held, const std::vector<int32_t>& prompt);
+// The tokens a slot offers for reuse: its tokens when its cache is batch-invariant
+// (KvCache::BatchInvariant: extending the held prefix gives exactly what a fresh slot computes),
+// nullptr otherwise (eviction, the energy policy with a byte budget): such a slot always starts over.
+const std::vector<int32_t>* ReusableTokens(const Slot& slot);
 
 // What ChooseSlot sees of a slot.
 struct SlotView {
