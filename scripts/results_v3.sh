@@ -28,17 +28,19 @@ for F in 0.25 0.125 0.0625; do
 done
 R=0.25=$P/v3-router-0.25.dkv,0.125=$P/v3-router-0.125.dkv,0.0625=$P/v3-router-0.0625.dkv
 build/dynakv eval -m $M -f $D/valid-v3.txt --profile $P/v3.dkv --routers $R \
-  --methods ${METHODS:-full,uniform,energy,router,router-int8,q4_0-h,kivi2,snapkv} --fractions ${FRACTIONS:-0.25,0.125,0.0625} \
+  --methods ${METHODS:-full,uniform,energy,router,q4_0-h,kivi2,snapkv} --fractions ${FRACTIONS:-0.25,0.125,0.0625} \
   --tasks perplexity,keys,records -c 4096 --ppl-prompt 3072 --chunks 8 --name eval-llama-27M-v3 -t $T
 # Speed: v3 at 4k/16k/32k, and a Llama-3-8B-shaped random-weight model (8 layers, q4_0 weights) at
 # 8k/32k; each context filled by a short real prefill replayed through the cache (--speed-fill).
 build/dynakv eval -m $M -f $D/valid-v3.txt --profile $P/v3.dkv --routers $R \
   --methods full,q8_0,q4_0,q4_0-h,kivi2,uniform,router --fractions 0.25,0.125 --speed-fractions 0.25,0.125 \
   --tasks speed --speed-ctx 4096,16384,32768 --speed-fill 1024 --name speed-v3 -t $T
-L8=${TMPDIR:-/tmp}/dynakv-llama3-8b-q4_0.gguf
+# The 8B-shaped model (1.6 GB) and its profile stay outside the repository.
+L8=${TMPDIR:-/tmp}/l3-8b-q4_0.gguf
+L8P=${TMPDIR:-/tmp}/l3-8b.dkv
 [ -e $L8 ] || build/dynakv make-gguf --shape llama3-8b --type q4_0 --layers 8 --ctx 32768 -o $L8
-[ -e $P/llama3-8b-q4_0.dkv ] || build/dynakv calibrate -m $L8 -f $D/calib-v3.txt -c 512 --chunks 2 -o $P/llama3-8b-q4_0.dkv -t $T -q
-build/dynakv eval -m $L8 -f $D/valid-v3.txt --profile $P/llama3-8b-q4_0.dkv --methods full,q8_0,q4_0,uniform \
+[ -e $L8P ] || build/dynakv calibrate -m $L8 -f $D/calib-v3.txt -c 512 --chunks 2 -o $L8P -t $T -q
+build/dynakv eval -m $L8 -f $D/valid-v3.txt --profile $L8P --methods full,q8_0,q4_0,uniform \
   --fractions 0.25,0.125 --speed-fractions 0.25,0.125 --tasks speed --speed-ctx 8192,32768 --speed-fill 512 \
   --name speed-l3-8b-q4_0 -t $T
 scripts/report_v3.py

@@ -13,6 +13,8 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <string>
+#include <tuple>
 #include <thread>
 #include <vector>
 
@@ -173,6 +175,31 @@ TEST(Cli, UnknownFlagIsOneLineAndExit2) {
     EXPECT_THAT(r.err, HasSubstr("unknown flag '--frobnicate'")) << cmd;
     EXPECT_EQ(CountLines(r.err, "frobnicate"), 1) << r.err;
     EXPECT_THAT(r.err, HasSubstr("usage: dynakv " + std::string(cmd)));
+  }
+}
+
+// A malformed DYNAKV_* variable is refused before any command runs (exit 2, naming the variable,
+// the value and what it accepts); it was ignored or misread where it was used
+// (DYNAKV_DOT_MAX_ROWS=abc meant 0). Well-formed values run.
+TEST(Cli, MalformedEnvironmentVariablesAreRefusedFirst) {
+  struct Unset {  // leaves the test process's environment as it found it
+    std::string name;
+    ~Unset() { ::unsetenv(name.c_str()); }
+  };
+  const std::vector<std::tuple<std::string, std::string, std::string>> cases = {
+      {"DYNAKV_DOT_MAX_ROWS", "abc", "4"}, {"DYNAKV_DOT_MAX_ROWS", "-3", "0"},
+      {"DYNAKV_BLAS_THREADS", "2x", "1"},  {"DYNAKV_BLAS_THREADS", "99999", "0"},
+      {"DYNAKV_ACTS", "f16", "f32"},       {"DYNAKV_ISA", "sse2", "scalar"}};
+  for (const auto& [name, bad, good] : cases) {
+    const Unset guard{name};
+    ASSERT_EQ(::setenv(name.c_str(), bad.c_str(), 1), 0);
+    auto r = RunCli("info -m " + kStories);
+    EXPECT_EQ(r.exit_code, 2) << name << "=" << bad << ": " << r.err;
+    EXPECT_THAT(r.err, HasSubstr(name + ": expected ")) << r.err;
+    EXPECT_THAT(r.err, HasSubstr("found '" + bad + "'")) << r.err;
+    ASSERT_EQ(::setenv(name.c_str(), good.c_str(), 1), 0);
+    r = RunCli("info -m " + kStories);
+    EXPECT_EQ(r.exit_code, 0) << name << "=" << good << ": " << r.err;
   }
 }
 

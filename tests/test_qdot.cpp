@@ -15,6 +15,7 @@
 #include "core/threads.h"
 #include "ops/qdot.h"
 #include "ops/qmatmul.h"
+#include "test_util.h"
 
 namespace dk {
 namespace {
@@ -225,8 +226,7 @@ TEST(QDot, EveryKernelMatchesTheReference) {
 
 TEST(QDot, MatMulQ8MatchesTheReferenceAcrossThreadsAndBatches) {
   std::mt19937 rng(5);
-  const ActMode saved = GetActMode();
-  const int saved_rows = DotMaxRows();
+  const test::KernelModeGuard modes;
   SetActMode(ActMode::kQ8);
   SetDotMaxRows(100);  // the 8-bit dot products at every batch size here
   for (WeightType type : kQTypes) {
@@ -262,8 +262,6 @@ TEST(QDot, MatMulQ8MatchesTheReferenceAcrossThreadsAndBatches) {
       }
     }
   }
-  SetActMode(saved);
-  SetDotMaxRows(saved_rows);
 }
 
 }  // namespace

@@ -191,8 +191,7 @@ TEST(WeightDot, Avx2MatchesScalarReference) {
 TEST(WeightMatMul, BothPathsMatchFp32ProductAcrossThreadCounts) {
   std::mt19937 rng(7);
   std::normal_distribution<float> nd(0.0f, 1.0f);
-  const int saved = DotMaxRows();
-  const ActMode saved_mode = GetActMode();
+  const test::KernelModeGuard modes;
   SetActMode(ActMode::kF32);  // the fp32-activation paths (the 8-bit one: test_qdot.cpp)
   for (WeightType type : kAllTypes) {
     const int64_t bs = WeightBlockSize(type);
@@ -229,8 +228,6 @@ TEST(WeightMatMul, BothPathsMatchFp32ProductAcrossThreadCounts) {
       }
     }
   }
-  SetDotMaxRows(saved);
-  SetActMode(saved_mode);
 }
 
 // The evaluation model quantized by llama.cpp (llama-quantize from the f32 file).
@@ -268,8 +265,7 @@ TEST(QuantizedModel, DotAndTilePathsGiveTheSamePerplexity) {
   const Model& model = *m.value();
   const auto tokens = model.tokenizer().Encode(test::ReadText(DataPath("valid.txt")).substr(0, 12000), true);
   ThreadPool pool(2);
-  const int saved = DotMaxRows();
-  const ActMode saved_mode = GetActMode();
+  const test::KernelModeGuard modes;
   SetActMode(ActMode::kF32);
   double ppl[2];
   for (int k = 0; k < 2; ++k) {
@@ -279,8 +275,6 @@ TEST(QuantizedModel, DotAndTilePathsGiveTheSamePerplexity) {
     ASSERT_TRUE(r.ok()) << r.status().ToString();
     ppl[k] = r->ppl;
   }
-  SetDotMaxRows(saved);
-  SetActMode(saved_mode);
   EXPECT_NEAR(ppl[0], ppl[1], 1e-4 * ppl[0]);
 }
 
@@ -308,8 +302,7 @@ void CheckQuantizedPerplexity(const QuantFile& q) {
   EXPECT_EQ(ref_ppl, q.llama_cpp_ppl);
   const auto tokens = model.tokenizer().Encode(test::ReadText(DataPath("valid.txt")), true);
   ThreadPool pool(2);
-  const int saved_rows = DotMaxRows();
-  const ActMode saved_mode = GetActMode();
+  const test::KernelModeGuard modes;
   SetActMode(ActMode::kQ8);
   for (bool q8_everywhere : {false, true}) {
     SetDotMaxRows(q8_everywhere ? 1 << 20 : -1);
@@ -321,8 +314,6 @@ void CheckQuantizedPerplexity(const QuantFile& q) {
                 100.0 * (r->ppl - ref_ppl) / ref_ppl);
     EXPECT_NEAR(r->ppl, ref_ppl, (q8_everywhere ? 0.0005 : 0.005) * ref_ppl);
   }
-  SetDotMaxRows(saved_rows);
-  SetActMode(saved_mode);
 }
 
 TEST(QuantizedModelSlow, Q8_0PerplexityMatchesLlamaCpp) { CheckQuantizedPerplexity(kQuantFiles[0]); }

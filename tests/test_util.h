@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include "ops/qmatmul.h"
+
 namespace dk::test {
 
 inline std::string DataPath(const std::string& name) { return std::string(DK_TEST_DATA) + "/" + name; }
@@ -93,5 +95,22 @@ inline std::string Gpt2Mapped(const std::string& raw) {
   for (const char c : raw) s += Gpt2ByteChar(static_cast<unsigned char>(c));
   return s;
 }
+
+// Restores the process-wide kernel modes (SetActMode, SetDotMaxRows) a test changes, however the
+// test ends (a failed ASSERT returns early): the next test in the process sees the defaults.
+class KernelModeGuard {
+ public:
+  KernelModeGuard() : mode_(GetActMode()), rows_(DotMaxRows()) {}
+  ~KernelModeGuard() {
+    SetActMode(mode_);
+    SetDotMaxRows(rows_);
+  }
+  KernelModeGuard(const KernelModeGuard&) = delete;
+  KernelModeGuard& operator=(const KernelModeGuard&) = delete;
+
+ private:
+  ActMode mode_;
+  int rows_;
+};
 
 }  // namespace dk::test

@@ -5,6 +5,8 @@
 #include <cstdlib>
 #include <string>
 
+#include "core/env.h"
+
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
@@ -220,11 +222,7 @@ int BlasThreads() { return openblas_get_num_threads(); }
 
 int BlasThreadsFor(int pool_threads) {
   pool_threads = std::max(1, pool_threads);
-  if (const char* env = std::getenv("DYNAKV_BLAS_THREADS"); env != nullptr && *env != '\0') {
-    char* end = nullptr;
-    const long v = std::strtol(env, &end, 10);
-    if (end != env && *end == '\0' && v >= 0 && v <= 4096) return v == 0 ? pool_threads : static_cast<int>(v);
-  }
+  if (const std::optional<long> v = EnvInt("DYNAKV_BLAS_THREADS")) return *v == 0 ? pool_threads : static_cast<int>(*v);
   return 1;
 }
 

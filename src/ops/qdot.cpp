@@ -13,6 +13,7 @@
 #define DK_QDOT_X86 1
 #endif
 
+#include "core/env.h"
 #include "ops/hsum.h"
 
 namespace dk {
@@ -257,10 +258,9 @@ bool CpuHasQdotIsa(QdotIsa isa) {
 QdotIsa BestQdotIsa() {
   static const QdotIsa best = [] {
     QdotIsa cap = QdotIsa::kAvx512Vnni;
-    if (const char* env = std::getenv("DYNAKV_ISA")) {
-      const std::string v = env;
-      if (v == "scalar") cap = QdotIsa::kScalar;
-      if (v == "avx2") cap = QdotIsa::kAvx2;
+    if (const std::optional<std::string> v = EnvChoice("DYNAKV_ISA")) {
+      if (*v == "scalar") cap = QdotIsa::kScalar;
+      if (*v == "avx2") cap = QdotIsa::kAvx2;
     }
     for (QdotIsa isa : {QdotIsa::kAvx512Vnni, QdotIsa::kAvx2})
       if (isa <= cap && CpuHasQdotIsa(isa)) return isa;

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "core/env.h"
 #include "core/fp16.h"
 #include "core/threads.h"
 #include "ops/qdot.h"
@@ -432,14 +433,8 @@ float DotWeights(WeightType type, const uint8_t* w, const float* x, int64_t n) {
 
 namespace {
 
-std::atomic<int> g_dot_max_rows{[] {
-  const char* env = std::getenv("DYNAKV_DOT_MAX_ROWS");
-  return env != nullptr && *env != '\0' ? std::atoi(env) : -1;
-}()};
-std::atomic<ActMode> g_act_mode{[] {
-  const char* env = std::getenv("DYNAKV_ACTS");
-  return env != nullptr && std::string(env) == "f32" ? ActMode::kF32 : ActMode::kQ8;
-}()};
+std::atomic<int> g_dot_max_rows{static_cast<int>(EnvInt("DYNAKV_DOT_MAX_ROWS").value_or(-1))};
+std::atomic<ActMode> g_act_mode{EnvChoice("DYNAKV_ACTS").value_or("q8") == "f32" ? ActMode::kF32 : ActMode::kQ8};
 
 // Below this many stored values a matrix-vector product is not worth waking the pool for.
 constexpr int64_t kParallelMinValues = 1 << 16;

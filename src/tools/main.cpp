@@ -4,7 +4,9 @@
 #include <exception>
 #include <new>
 #include <string>
+#include <vector>
 
+#include "core/env.h"
 #include "tools/common.h"
 
 namespace {
@@ -38,6 +40,11 @@ int Dispatch(int argc, char** argv) {
     return kExitUsage;
   }
   const std::string cmd = argv[1];
+  // A malformed DYNAKV_* variable would be ignored where it is read: refuse it first.
+  if (const std::vector<std::string> bad = dk::EnvironmentProblems(); !bad.empty()) {
+    for (const std::string& m : bad) std::fprintf(stderr, "dynakv: error in the environment: %s\n", m.c_str());
+    return kExitUsage;
+  }
   if (cmd == "-h" || cmd == "--help" || cmd == "help") {
     PrintUsage(stdout);
     return kExitOk;
