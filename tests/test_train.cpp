@@ -30,6 +30,7 @@
 #include "train/cayley.h"
 #include "train/checkpoint.h"
 #include "train/data.h"
+#include "train/optimizer.h"
 #include "train/relaxed_cache.h"
 #include "train/trainer.h"
 
@@ -444,6 +445,41 @@ TEST(TrainCheckpoint, RoundTripAndDamage) {
     }
   }
   std::remove(path.c_str());
+}
+
+// ---- AdamW --------------------------------------------------------------------------------------------
+
+// Three steps of AdamW on three numbers: a decayed tensor {1, -2} and an undecayed one {0.25} at half
+// the learning rate (lr 0.1, no warm-up, cosine to 0.01 over 10 steps, clip 1, weight decay 0.01).
+// Step 0 by hand: the gradient {0.5, -4, 3} has norm sqrt(25.25) > 1, so it is scaled to norm 1;
+// after the bias corrections m/sqrt(v) is each number's sign, so w -= lr (sign + 0.01 w):
+// 1 - 0.1 (1 + 0.01) = 0.899, -2 - 0.1 (-1 - 0.02) = -1.898, 0.25 - 0.05 = 0.2. Steps 1 and 2
+// (gradients {0.1, 0.2, 0}, unclipped, and {-0.3, 0, 0.05}) are Loshchilov and Hutter's algorithm
+// written out in double precision; the moments are stored in float, hence the tolerance.
+TEST(AdamW, ThreeStepsMatchTheAlgorithmByHand) {
+  ParamStore<float> p;
+  const size_t w = p.Add("w", 2, /*decay=*/true), b = p.Add("b", 1, /*decay=*/false, /*lr_scale=*/0.5);
+  p.value(w)[0] = 1.0f;
+  p.value(w)[1] = -2.0f;
+  p.value(b)[0] = 0.25f;
+  AdamWOptions o;
+  o.lr = 0.1;
+  o.warmup = 0;
+  o.min_lr_ratio = 0.1;
+  o.weight_decay = 0.01;
+  o.clip = 1.0;
+  AdamW adam(o, p.size());
+  const float grads[3][3] = {{0.5f, -4.0f, 3.0f}, {0.1f, 0.2f, 0.0f}, {-0.3f, 0.0f, 0.05f}};
+  const double want[3][3] = {{0.899, -1.898, 0.2},
+                             {0.800310897, -1.850332530, 0.167234976},
+                             {0.822374741, -1.815543419, 0.141206602}};
+  const double norms[3] = {5.024937811, 0.223606798, 0.304138127};
+  EXPECT_NEAR(LearningRate(o, 1, 10), 0.0977975432, 1e-9);
+  for (int step = 0; step < 3; ++step) {
+    std::copy(grads[step], grads[step] + 3, p.grads().begin());
+    EXPECT_NEAR(adam.Step(p, step, 10), norms[step], 1e-6) << "step " << step;
+    for (int i = 0; i < 3; ++i) EXPECT_NEAR(p.values()[i], want[step][i], 2e-6) << "step " << step << " number " << i;
+  }
 }
 
 // ---- Training ----------------------------------------------------------------------------------------
