@@ -28,7 +28,7 @@ for F in 0.25 0.125 0.0625; do
 done
 R=0.25=$P/v3-router-0.25.dkv,0.125=$P/v3-router-0.125.dkv,0.0625=$P/v3-router-0.0625.dkv
 build/dynakv eval -m $M -f $D/valid-v3.txt --profile $P/v3.dkv --routers $R \
-  --methods ${METHODS:-full,uniform,energy,router,q4_0-h,kivi2,snapkv} --fractions ${FRACTIONS:-0.25,0.125,0.0625} \
+  --methods ${METHODS:-full,uniform,energy,router,router-int8,router-int4,router+snapkv,q4_0-h,kivi2,snapkv} --fractions ${FRACTIONS:-0.25,0.125,0.0625} \
   --tasks perplexity,keys,records -c 4096 --ppl-prompt 3072 --chunks 8 --name eval-llama-27M-v3 -t $T
 # Speed: v3 at 4k/16k/32k, and a Llama-3-8B-shaped random-weight model (8 layers, q4_0 weights) at
 # 8k/32k; each context filled by a short real prefill replayed through the cache (--speed-fill).

@@ -491,6 +491,18 @@ TrainData SmallData(int seq_len) {
   return std::move(d).value();
 }
 
+// The options of the training tests' 30-step runs at 25 % (sequences of 128 tokens).
+TrainRouterOptions ShortRunAtAQuarter() {
+  TrainRouterOptions o;
+  o.target = 0.25;
+  o.steps = 30;
+  o.batch = 2;
+  o.seq_len = 128;
+  o.hidden = 16;
+  o.calib_seqs = 8;
+  return o;
+}
+
 TEST(TrainRouter, ResumedRunEqualsUninterrupted) {
   ThreadPool pool(2);
   SetBlasThreads(2);
@@ -549,13 +561,7 @@ TEST(TrainRouter, MeetsItsTargetOnHeldOutText) {
   ThreadPool pool(2);
   SetBlasThreads(2);
   const TrainData data = SmallData(128);
-  TrainRouterOptions o;
-  o.target = 0.25;
-  o.steps = 30;
-  o.batch = 2;
-  o.seq_len = 128;
-  o.hidden = 16;
-  o.calib_seqs = 8;
+  TrainRouterOptions o = ShortRunAtAQuarter();
   auto r = TrainRouter(TheModel(), TheProfile(), data, o, pool);
   ASSERT_TRUE(r.ok()) << r.status().ToString();
   auto profile = std::make_shared<const DynaKvProfile>(r->profile);
@@ -587,13 +593,7 @@ TEST(TrainRouter, LowersKlBelowTheUntrainedRouterAndEnergy) {
   ThreadPool pool(2);
   SetBlasThreads(2);
   const TrainData data = SmallData(128);
-  TrainRouterOptions o;
-  o.target = 0.25;
-  o.steps = 30;
-  o.batch = 2;
-  o.seq_len = 128;
-  o.hidden = 16;
-  o.calib_seqs = 8;
+  TrainRouterOptions o = ShortRunAtAQuarter();
   const ModelConfig& c = TheModel().config();
   const std::vector<int32_t> held_out = Tokens("valid.txt", 0, 8 * 128);
   PerplexityOptions po;

@@ -139,35 +139,9 @@ class ConnectionThreads : public httplib::TaskQueue {
 // A connection by its peer, as httplib names it in a Request (numeric address, port).
 using PeerKey = std::pair<std::string, int>;
 
-// The accepted connections of the server listening on `port`: (socket, peer).
-std::vector<std::pair<int, PeerKey>> AcceptedConnections(int port) {
-  std::vector<std::pair<int, PeerKey>> out;
-  DIR* dir = opendir("/proc/self/fd");
-  if (dir == nullptr) return out;
-  for (dirent* e; (e = readdir(dir)) != nullptr;) {
-    char* end = nullptr;
-    const long fd = std::strtol(e->d_name, &end, 10);
-    if (end == e->d_name || *end != '\0' || fd == dirfd(dir)) continue;
-    struct stat st;
-    if (fstat(static_cast<int>(fd), &st) != 0 || !S_ISSOCK(st.st_mode)) continue;
-    sockaddr_storage local{}, peer{};
-    socklen_t llen = sizeof(local), plen = sizeof(peer);
-    if (getsockname(static_cast<int>(fd), reinterpret_cast<sockaddr*>(&local), &llen) != 0 || PortOf(local) != port)
-      continue;
-    if (getpeername(static_cast<int>(fd), reinterpret_cast<sockaddr*>(&peer), &plen) != 0) continue;  // the listener
-    char host[NI_MAXHOST];
-    if (getnameinfo(reinterpret_cast<sockaddr*>(&peer), plen, host, sizeof(host), nullptr, 0, NI_NUMERICHOST) != 0)
-      continue;
-    out.push_back({static_cast<int>(fd), PeerKey(host, PortOf(peer))});
-  }
-  closedir(dir);
-  return out;
-}
-
-// httplib 0.11 listens with a backlog of 5: a burst of connections (60 slow clients, a load test)
-// overflows it and the kernel drops SYNs, which clients resend after a second. listen() again on
-// the listening socket (found by its port) raises the backlog, as nginx's 511.
-void RaiseListenBacklog(int port) {
+// Calls f(fd, local address) for each of this process's sockets bound to `port`.
+template <typename F>
+void ForEachSocketOnPort(int port, F f) {
   DIR* dir = opendir("/proc/self/fd");
   if (dir == nullptr) return;
   for (dirent* e; (e = readdir(dir)) != nullptr;) {
@@ -176,16 +150,39 @@ void RaiseListenBacklog(int port) {
     if (end == e->d_name || *end != '\0' || fd == dirfd(dir)) continue;
     struct stat st;
     if (fstat(static_cast<int>(fd), &st) != 0 || !S_ISSOCK(st.st_mode)) continue;
-    int listening = 0;
-    socklen_t len = sizeof(listening);
     sockaddr_storage local{};
     socklen_t llen = sizeof(local);
-    if (getsockopt(static_cast<int>(fd), SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) != 0 || !listening) continue;
     if (getsockname(static_cast<int>(fd), reinterpret_cast<sockaddr*>(&local), &llen) != 0 || PortOf(local) != port)
       continue;
-    ::listen(static_cast<int>(fd), SOMAXCONN);
+    f(static_cast<int>(fd));
   }
   closedir(dir);
+}
+
+// The accepted connections of the server listening on `port`: (socket, peer).
+std::vector<std::pair<int, PeerKey>> AcceptedConnections(int port) {
+  std::vector<std::pair<int, PeerKey>> out;
+  ForEachSocketOnPort(port, [&](int fd) {
+    sockaddr_storage peer{};
+    socklen_t plen = sizeof(peer);
+    if (getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &plen) != 0) return;  // the listener
+    char host[NI_MAXHOST];
+    if (getnameinfo(reinterpret_cast<sockaddr*>(&peer), plen, host, sizeof(host), nullptr, 0, NI_NUMERICHOST) != 0)
+      return;
+    out.push_back({fd, PeerKey(host, PortOf(peer))});
+  });
+  return out;
+}
+
+// httplib 0.11 listens with a backlog of 5: a burst of connections (60 slow clients, a load test)
+// overflows it and the kernel drops SYNs, which clients resend after a second. listen() again on
+// the listening socket (found by its port) raises the backlog, as nginx's 511.
+void RaiseListenBacklog(int port) {
+  ForEachSocketOnPort(port, [](int fd) {
+    int listening = 0;
+    socklen_t len = sizeof(listening);
+    if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) == 0 && listening) ::listen(fd, SOMAXCONN);
+  });
 }
 
 // ---- errors ---------------------------------------------------------------------------------------
