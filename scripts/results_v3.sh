@@ -35,7 +35,8 @@ build/dynakv eval -m $M -f $D/valid-v3.txt --profile $P/v3.dkv --routers $R \
 build/dynakv eval -m $M -f $D/valid-v3.txt --profile $P/v3.dkv --routers $R \
   --methods full,q8_0,q4_0,q4_0-h,kivi2,uniform,router --fractions 0.25,0.125 --speed-fractions 0.25,0.125 \
   --tasks speed --speed-ctx 4096,16384,32768 --speed-fill 1024 --name speed-v3 -t $T
-# The 8B-shaped model (1.6 GB) and its profile stay outside the repository.
+# The 8B-shaped model (1.6 GB) and its profile stay outside the repository, in $TMPDIR (results/ name
+# them l3-8b-q4_0.gguf and l3-8b.dkv, without the folder).
 L8=${TMPDIR:-/tmp}/l3-8b-q4_0.gguf
 L8P=${TMPDIR:-/tmp}/l3-8b.dkv
 [ -e $L8 ] || build/dynakv make-gguf --shape llama3-8b --type q4_0 --layers 8 --ctx 32768 -o $L8
