@@ -258,14 +258,24 @@ size_t LatentBytes(const LatentFormat& f, int r) {
   return b + (b % 2);
 }
 
+// tc: a rank r stands for the ladder's code of at most 2 r bytes, calibrated per layer from the
+// profile's eigenvalues (ops/tcode.h); its record size is the ladder's.
 size_t LayoutBytes(const DynaKvCache& c) {
-  const int B = DynaKvCache::kIndexEvery;
-  const int meta_width = c.shape().kv_dim() <= 256 ? 1 : 2;
+  const int B = DynaKvCache::kIndexEvery, D = c.shape().kv_dim();
+  const int meta_width = D <= 256 ? 1 : 2;
   size_t bytes = 0;
   for (int l = 0; l < c.shape().n_layer; ++l) {
     const int n = c.Stored(l);
+    const bool tc = c.format().tc();
+    const TcCodebook ck = tc ? MakeTcCodebook(c.profile().k[l], D) : TcCodebook{};
+    const TcCodebook cv = tc ? MakeTcCodebook(c.profile().v[l], D) : TcCodebook{};
     for (int t = 0; t < n; ++t) {
       const TokenRanks r = c.Ranks(l, t);
+      if (tc) {
+        EXPECT_LE(ck.ladder[r.r_k - 1].bytes, 2 * r.r_k);
+        bytes += ck.ladder[r.r_k - 1].bytes + cv.ladder[r.r_v - 1].bytes;
+        continue;
+      }
       bytes += LatentBytes(c.format(), r.r_k) + LatentBytes(c.format(), r.r_v);
     }
     bytes += static_cast<size_t>(n) * 2 * meta_width + static_cast<size_t>((n + B - 1) / B) * 4;
@@ -356,7 +366,7 @@ TEST(DynaKv, LatentAttentionMatchesReconstructReference) {
   const int D = s.kv_dim(), d = s.head_dim, Hq = s.n_head;
   const DynaKvProfile prof = RandomProfile(11);
   std::vector<AttnCase> cases;
-  for (const char* dt : {"f16", "f32", "q8", "q4"})
+  for (const char* dt : {"f16", "f32", "q8", "q4", "tc"})
     for (int n : {1, 3, 17, 64})
       for (int first : {1, 70, 129}) cases.push_back({dt, first, n, n == 1 ? 3 : 2});
   cases.push_back({"f16", 0, 17, 1});
@@ -426,7 +436,7 @@ TEST(DynaKv, LatentAttentionMatchesReconstructReference) {
 TEST(DynaKv, BytesUsedFollowsTheLayout) {
   const KvShape s = TheModel().config().kv_shape();
   for (const LatentFormat& f : {Format("f16"), Format("f32"), Format("q8"), Format("q4"), Format("q4", 32),
-                                 Format("q8", 5)}) {
+                                 Format("q8", 5), Format("tc")}) {
     SCOPED_TRACE(f.Name());
     DynaKvCache cache(s, 300, f, std::make_shared<const DynaKvProfile>(RandomProfile(3)),
                       std::make_unique<RandomRankPolicy>(s.kv_dim(), 5));
@@ -481,6 +491,31 @@ TEST(DynaKv, UniformBudgetRanks) {
   const TokenRanks full = UniformRanksForBudget(1.0, ctx);
   EXPECT_EQ(full.r_k, 128);
   EXPECT_EQ(full.r_v, 127);
+  // --k-share 0.6: 38 of the 63 numbers' bytes to K.
+  const TokenRanks skew = UniformRanksForBudget(0.25, ctx, 0.6);
+  EXPECT_EQ(skew.r_k, 38);
+  EXPECT_EQ(skew.r_v, 25);
+}
+
+// Rank x precision (tc) at a byte budget: the measured fraction stays within the budget (a rank r
+// is the best code of at most 2 r bytes), and the reconstruction of real keys and values is better
+// than fp16 latents' at the same budget, by a wide margin at a quarter of the cache.
+TEST(DynaKv, TcBeatsF16LatentsAtEqualBytes) {
+  const KvRows& rows = EvalRows();
+  for (double budget : {0.125, 0.25}) {
+    SCOPED_TRACE("--kv-budget " + std::to_string(budget));
+    auto f16 = MakeCache(Config("uniform", -1, -1, budget, "f16"), PcaProfile(), rows.n);
+    auto tc = MakeCache(Config("uniform", -1, -1, budget, "tc"), PcaProfile(), rows.n);
+    ASSERT_NE(f16, nullptr);
+    ASSERT_NE(tc, nullptr);
+    WriteAll(*f16, rows);
+    WriteAll(*tc, rows);
+    EXPECT_LE(Fraction(*tc), budget * 1.02);
+    EXPECT_GE(Fraction(*tc), budget * 0.85);
+    EXPECT_EQ(tc->BytesUsed(), LayoutBytes(*tc));
+    const double e16 = ReconstructionError(*f16, rows), etc = ReconstructionError(*tc, rows);
+    EXPECT_LT(etc, 0.7 * e16) << "tc " << etc << " f16 " << e16;
+  }
 }
 
 // ---- (4) energy policy -----------------------------------------------------------------------------
@@ -568,6 +603,8 @@ TEST(DynaKv, FactoryErrorsNameTheFlag) {
   EXPECT_THAT(CreateError(Config("energy", -1, -1, 1.5), p), HasSubstr("--kv-budget"));
   EXPECT_THAT(CreateError(Config("router", -1, -1, 0.25), p), HasSubstr("--rank-policy"));
   EXPECT_THAT(CreateError(Config("uniform", 8, -1, -1, "q3"), p), HasSubstr("--kv-dtype"));
+  EXPECT_THAT(CreateError(Config("energy", -1, -1, 0.25).Set("--k-share", "0.6"), p), HasSubstr("--k-share"));
+  EXPECT_THAT(CreateError(Config("uniform", -1, -1, 0.25).Set("--k-share", "1.5"), p), HasSubstr("--k-share"));
   EXPECT_THAT(CreateError(Config("uniform", 8, -1, -1).Set("--latent-group", "8"), p), HasSubstr("--latent-group"));
   EXPECT_THAT(CreateKvCache(Config("uniform", 8, -1, -1).Set("--sinks", "4"), Info(), 64).status().message(),
               HasSubstr("--sinks"));

@@ -87,7 +87,8 @@ std::map<std::string, std::map<std::string, std::string>> Flags() {
 // Further flag sets of storage methods, run through the same suite, alone and under every wrapper:
 // the rotated layouts, 2-bit KIVI with a residual of two groups (groups of 4 at 2 bits: bytes
 // after the batches 40, 44, 48, 60 x D, still growing), and DynaKV's batch-invariant policies
-// (uniform ranks, energy at a fixed tau; the energy budget of Flags() bisects per batch).
+// (uniform ranks, energy at a fixed tau; the energy budget of Flags() bisects per batch), and
+// rank x precision (transform-coded latents) at a uniform byte budget.
 struct Variant {
   std::string label, method;
   std::map<std::string, std::string> flags;
@@ -102,6 +103,9 @@ std::vector<Variant> Variants() {
        {{"--kivi-bits", "2"}, {"--kivi-group", "4"}, {"--kivi-residual", "8"}, {"--hadamard", "1"}}},
       {"dynakv_uniform", "dynakv", {{"--profile", ProfilePath()}, {"--rank-policy", "uniform"}, {"--rank", "20"}}},
       {"dynakv_energy_tau", "dynakv", {{"--profile", ProfilePath()}, {"--rank-policy", "energy"}, {"--tau", "0.9"}}},
+      {"dynakv_tc",
+       "dynakv",
+       {{"--profile", ProfilePath()}, {"--rank-policy", "uniform"}, {"--kv-budget", "0.25"}, {"--kv-dtype", "tc"}}},
   };
 }
 

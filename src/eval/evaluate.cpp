@@ -44,6 +44,9 @@ std::vector<EvalMethod> Presets() {
       // bytes: the router trained nearest that rank fraction is used.
       Method("router-int8", "dynakv", "", with(router, "--kv-dtype", "q8"), true, false, 2.0),
       Method("router-int4", "dynakv", "", with(router, "--kv-dtype", "q4"), true, false, 4.0),
+      // Rank x precision (transform-coded latents, ops/tcode.h): the same bytes per rank as fp16.
+      Method("tc", "dynakv", "", {{"--profile", "{profile}"}, {"--rank-policy", "uniform"}, {"--kv-budget", "{fraction}"}, {"--kv-dtype", "tc"}}),
+      Method("router-tc", "dynakv", "", with(router, "--kv-dtype", "tc")),
       Method("kivi2", "kivi", "", {{"--kivi-bits", "2"}}, false),
       Method("kivi4", "kivi", "", {{"--kivi-bits", "4"}}, false),
       Method("kivi2-h", "kivi", "", {{"--kivi-bits", "2"}, {"--hadamard", "1"}}, false),
@@ -57,6 +60,10 @@ std::vector<EvalMethod> Presets() {
       Method("h2o", "full", "h2o", {{"--evict-keep", "{fraction}"}}),
       Method("router+snapkv", "dynakv", "snapkv",
              {{"--profile", "{router}"}, {"--rank-policy", "router"}, {"--kv-budget", "{root}"}, {"--evict-keep", "{root}"}},
+             true, true),
+      Method("router-tc+snapkv", "dynakv", "snapkv",
+             {{"--profile", "{router}"}, {"--rank-policy", "router"}, {"--kv-budget", "{root}"}, {"--evict-keep", "{root}"},
+              {"--kv-dtype", "tc"}},
              true, true),
   };
 }

@@ -42,6 +42,7 @@ int64_t LatentFormat::Bytes(int r) const {
   switch (type) {
     case kF16: return 2 * static_cast<int64_t>(r);
     case kF32: return 4 * static_cast<int64_t>(r);
+    case kTc: return 2 * static_cast<int64_t>(r);
     default: {
       const int64_t b = static_cast<int64_t>(SymLatentBytes(r, bits(), GroupSize(r)));
       return (b + 1) & ~int64_t{1};  // even: the next latent's fp16 scales stay aligned
@@ -50,7 +51,7 @@ int64_t LatentFormat::Bytes(int r) const {
 }
 
 std::string LatentFormat::Name() const {
-  static const char* names[] = {"f16", "f32", "q8", "q4"};
+  static const char* names[] = {"f16", "f32", "q8", "q4", "tc"};
   return std::string(names[type]) + (quantized() && group > 0 ? "g" + std::to_string(group) : "");
 }
 
@@ -60,12 +61,27 @@ StatusOr<LatentFormat> ParseLatentFormat(const std::string& dtype, int group) {
   else if (dtype == "f32") f.type = LatentFormat::kF32;
   else if (dtype == "q8") f.type = LatentFormat::kQ8;
   else if (dtype == "q4") f.type = LatentFormat::kQ4;
-  else return InvalidArgument("--kv-dtype: dynakv stores latents as f16, f32, q8 or q4, found '" + dtype + "'");
+  else if (dtype == "tc") f.type = LatentFormat::kTc;
+  else return InvalidArgument("--kv-dtype: dynakv stores latents as f16, f32, q8, q4 or tc, found '" + dtype + "'");
   if (group < 0) return InvalidArgument("--latent-group: expected a group size >= 0, found " + std::to_string(group));
   if (group > 0 && !f.quantized())
-    return InvalidArgument("--latent-group: only quantized latents (--kv-dtype q8 or q4) have groups");
+    return InvalidArgument("--latent-group: only quantized latents (--kv-dtype q8 or q4) have groups (tc's are fixed)");
   f.group = group;
   return f;
+}
+
+TcCodebook MakeTcCodebook(const BasisSet& b, int D) {
+  TcCodebook c;
+  c.ladder = TcLadder(b.eigenvalues, D);
+  // Directions of (almost) no variance keep a finite 1 / sigma; they are rarely coded at all.
+  const double floor = std::max(b.eigenvalues.empty() ? 0.0 : b.eigenvalues[0] * 1e-8, 1e-30);
+  c.sigma.resize(D);
+  c.inv_sigma.resize(D);
+  for (int j = 0; j < D; ++j) {
+    c.sigma[j] = static_cast<float>(std::sqrt(std::max(b.eigenvalues[j], floor)));
+    c.inv_sigma[j] = 1.0f / c.sigma[j];
+  }
+  return c;
 }
 
 RecordCost DynaKvCache::CostFor(int kv_dim, LatentFormat format) {
@@ -75,6 +91,8 @@ RecordCost DynaKvCache::CostFor(int kv_dim, LatentFormat format) {
   switch (format.type) {
     case LatentFormat::kF16: c.elem_bytes = 2; break;
     case LatentFormat::kF32: c.elem_bytes = 4; break;
+    // tc: rank r is a code of at most 2 r bytes, so the fp16 arithmetic is an upper bound.
+    case LatentFormat::kTc: c.elem_bytes = 2; break;
     default:
       // Codes; an fp16 scale per group (or per latent); the padding to an even size averages half
       // a byte per latent (plus half a byte of int4 rounding).
@@ -95,7 +113,23 @@ DynaKvCache::DynaKvCache(const KvShape& shape, int capacity, LatentFormat format
       layers_(shape.n_layer) {
   // First reservation: what the policy expects (exact for uniform); the arena grows if needed.
   const double expect = std::clamp(policy_->ExpectedElemsPerToken(), 2.0, 2.0 * D());
-  for (LayerStore& s : layers_) {
+  const int Dk = D();
+  if (format_.tc()) {
+    tc_.resize(shape.n_layer);
+    for (int l = 0; l < shape.n_layer; ++l) tc_[l] = TcLayer{MakeTcCodebook(profile_->k[l], Dk), MakeTcCodebook(profile_->v[l], Dk)};
+  }
+  for (int l = 0; l < shape.n_layer; ++l) {
+    LayerStore& s = layers_[l];
+    s.bytes_k.assign(Dk + 1, 0);
+    s.bytes_v.assign(Dk + 1, 0);
+    s.width_k.assign(Dk + 1, 0);
+    s.width_v.assign(Dk + 1, 0);
+    for (int r = 1; r <= Dk; ++r) {
+      s.bytes_k[r] = format_.tc() ? tc_[l].k.ladder[r - 1].bytes : static_cast<int32_t>(format_.Bytes(r));
+      s.bytes_v[r] = format_.tc() ? tc_[l].v.ladder[r - 1].bytes : static_cast<int32_t>(format_.Bytes(r));
+      s.width_k[r] = format_.tc() ? tc_[l].k.ladder[r - 1].coords : r;
+      s.width_v[r] = format_.tc() ? tc_[l].v.ladder[r - 1].coords : r;
+    }
     s.meta.assign(static_cast<size_t>(capacity) * 2 * meta_width_, 0);
     s.index.assign(static_cast<size_t>(CeilDiv(capacity, kIndexEvery)), 0);
     Grow(s, static_cast<int64_t>(std::ceil(expect / 2 * capacity)) * 2 * format_.Bytes(1));
@@ -141,9 +175,20 @@ void DynaKvCache::Grow(LayerStore& s, int64_t need_bytes) {
   s.arena_bytes = bytes;
 }
 
-void DynaKvCache::Append(LayerStore& s, const float* c, int r) {
+void DynaKvCache::Append(int layer, bool value, const float* c, int r) {
+  LayerStore& s = layers_[layer];
   uint8_t* dst = s.arena.data() + s.used;
   switch (format_.type) {
+    case LatentFormat::kTc: {
+      const TcLayer& t = tc_[layer];
+      const TcAllocation& a = (value ? t.v : t.k).ladder[r - 1];
+      const float* inv = (value ? t.v : t.k).inv_sigma.data();
+      zt_.resize(D());
+      for (int j = 0; j < a.coords; ++j) zt_[j] = c[j] * inv[j];
+      TcEncode(zt_.data(), a, D(), dst);
+      s.used += a.bytes;
+      return;
+    }
     case LatentFormat::kF16: Fp32ToFp16Row(c, reinterpret_cast<uint16_t*>(dst), r); break;
     case LatentFormat::kF32: std::memcpy(dst, c, static_cast<size_t>(r) * 4); break;
     default: {
@@ -171,17 +216,18 @@ void DynaKvCache::Write(int layer, const KvPlan& plan, const float* k, const flo
   for (TokenRanks& r : ranks_) {
     r.r_k = std::clamp(r.r_k, 1, Dk);  // a policy bug must not corrupt the arena
     r.r_v = std::clamp(r.r_v, 1, Dk);
-    need += format_.Bytes(r.r_k) + format_.Bytes(r.r_v);
+    need += s.bytes_k[r.r_k] + s.bytes_v[r.r_v];
   }
   Grow(s, need);
   for (int i = 0; i < n; ++i) {
-    AppendRecord(s, ranks_[i], ck_.data() + static_cast<size_t>(i) * Dk, cv_.data() + static_cast<size_t>(i) * Dk);
+    AppendRecord(layer, ranks_[i], ck_.data() + static_cast<size_t>(i) * Dk, cv_.data() + static_cast<size_t>(i) * Dk);
   }
 }
 
 // Appends one token's record at stored index s.n: its ranks in the metadata, the index entry when
 // it starts a block, then the latents.
-void DynaKvCache::AppendRecord(LayerStore& s, TokenRanks r, const float* ck, const float* cv) {
+void DynaKvCache::AppendRecord(int layer, TokenRanks r, const float* ck, const float* cv) {
+  LayerStore& s = layers_[layer];
   const int t = s.n;
   if (t % kIndexEvery == 0) s.index[t / kIndexEvery] = static_cast<uint32_t>(s.used);
   uint8_t* m = s.meta.data() + static_cast<size_t>(t) * 2 * meta_width_;
@@ -190,8 +236,8 @@ void DynaKvCache::AppendRecord(LayerStore& s, TokenRanks r, const float* ck, con
     m[w * meta_width_] = static_cast<uint8_t>(stored[w] & 0xFF);
     if (meta_width_ == 2) m[w * meta_width_ + 1] = static_cast<uint8_t>(stored[w] >> 8);
   }
-  Append(s, ck, r.r_k);
-  Append(s, cv, r.r_v);
+  Append(layer, false, ck, r.r_k);
+  Append(layer, true, cv, r.r_v);
   ++s.n;
 }
 
@@ -216,7 +262,7 @@ Status DynaKvCache::Retain(int layer, const std::vector<std::vector<int>>& keep)
   s.used = 0;
   for (int i = 0; i < static_cast<int>(k.size()); ++i) {
     const int t = k[i];
-    const int64_t len = format_.Bytes(rk[t]) + format_.Bytes(rv[t]);
+    const int64_t len = s.bytes_k[rk[t]] + s.bytes_v[rv[t]];
     if (off[t] != s.used)
       std::memmove(s.arena.data() + s.used, s.arena.data() + off[t], static_cast<size_t>(len));
     if (i % kIndexEvery == 0) s.index[i / kIndexEvery] = static_cast<uint32_t>(s.used);
@@ -237,18 +283,21 @@ void DynaKvCache::DecodeBlock(const LayerStore& s, int t0, int t1, int* rk, int*
     const uint8_t* m = meta + static_cast<size_t>(t) * 2 * meta_width_ + w * meta_width_;
     return (meta_width_ == 1 ? m[0] : (m[0] | (m[1] << 8))) + 1;
   };
-  for (int t = block_start; t < t0; ++t) cur += format_.Bytes(rank(t, 0)) + format_.Bytes(rank(t, 1));
+  const int32_t* bk = s.bytes_k.data();
+  const int32_t* bv = s.bytes_v.data();
+  for (int t = block_start; t < t0; ++t) cur += bk[rank(t, 0)] + bv[rank(t, 1)];
   for (int t = t0; t < t1; ++t) {
     rk[t - t0] = rank(t, 0);
     rv[t - t0] = rank(t, 1);
     off[t - t0] = cur;
-    cur += format_.Bytes(rk[t - t0]) + format_.Bytes(rv[t - t0]);
+    cur += bk[rk[t - t0]] + bv[rv[t - t0]];
   }
 }
 
-void DynaKvCache::ReadLatent(const LayerStore& s, int64_t off, int r, float* dst) const {
-  const uint8_t* src = s.arena.data() + off;
+void DynaKvCache::ReadLatent(int layer, bool value, int64_t off, int r, float* dst) const {
+  const uint8_t* src = layers_[layer].arena.data() + off;
   switch (format_.type) {
+    case LatentFormat::kTc: TcDecode(src, (value ? tc_[layer].v : tc_[layer].k).ladder[r - 1], D(), dst); break;
     case LatentFormat::kF16: Fp16ToFp32Row(reinterpret_cast<const uint16_t*>(src), dst, r); break;
     case LatentFormat::kF32: std::memcpy(dst, src, static_cast<size_t>(r) * 4); break;
     default:
@@ -269,9 +318,15 @@ void DynaKvCache::Reconstruct(int layer, int t, bool value, double* dst) const {
   int rk, rv;
   int64_t off;
   DecodeBlock(layers_[layer], t, t + 1, &rk, &rv, &off);
-  const int r = value ? rv : rk;
-  std::vector<float> c(r);
-  ReadLatent(layers_[layer], value ? off + format_.Bytes(rk) : off, r, c.data());
+  const LayerStore& s = layers_[layer];
+  const int rank = value ? rv : rk;
+  const int r = (value ? s.width_v : s.width_k)[rank];
+  std::vector<float> c(std::max(r, 1));
+  ReadLatent(layer, value, value ? off + s.bytes_k[rk] : off, rank, c.data());
+  if (format_.tc()) {
+    const float* sg = (value ? tc_[layer].v : tc_[layer].k).sigma.data();
+    for (int j = 0; j < r; ++j) c[j] *= sg[j];
+  }
   const BasisSet& b = value ? profile_->v[layer] : profile_->k[layer];
   for (int i = 0; i < Dk; ++i) {
     double acc = b.mean[i];
@@ -340,11 +395,27 @@ void DynaKvCache::ProjectQueries(int layer, int n, const float* q) {
     for (int i = 0; i < n; ++i)
       mterm_[static_cast<size_t>(i) * Hq + h] = scale * Dot(q + (static_cast<size_t>(i) * Hq + h) * d, bk.mean.data() + g * d, d);
   }
+  if (format_.tc()) {  // the stored numbers are z = c / sigma: q . c = (q * sigma) . z
+    const float* sg = tc_[layer].k.sigma.data();
+    for (int64_t i = 0; i < static_cast<int64_t>(n) * Hq; ++i) {
+      float* row = qt_.data() + i * Dk;
+#pragma omp simd
+      for (int j = 0; j < Dk; ++j) row[j] *= sg[j];
+    }
+  }
 }
 
 void DynaKvCache::ProjectOutputs(int layer, int n, int r_max, float* out) {
   const int d = shape_.head_dim, Hq = shape_.n_head, group = Hq / shape_.n_head_kv, Dk = D();
   const BasisSet& bv = profile_->v[layer];
+  if (format_.tc()) {  // attention over z = c / sigma: back to c
+    const float* sg = tc_[layer].v.sigma.data();
+    for (int64_t i = 0; i < static_cast<int64_t>(n) * Hq; ++i) {
+      float* row = att_.data() + i * Dk;
+#pragma omp simd
+      for (int j = 0; j < r_max; ++j) row[j] *= sg[j];
+    }
+  }
   for (int h = 0; h < Hq; ++h) {
     const int64_t g = h / group;
     // o_h = U_V,h a_h + mu_V,h; a_h is zero past r_max, so only U_V,h[:, :r_max] is needed.
@@ -541,17 +612,47 @@ void DynaKvCache::AttendBlockQuantized(const uint8_t* arena, const float* qp, co
   }
 }
 
+// The same for transform-coded latents: each record is decoded once (into p.z, shared by all
+// heads; the code's coordinates are a multiple of 8), then the fp32 kernels run on it. The queries
+// are already multiplied by K's sigmas and the accumulated values are z's (ProjectOutputs scales).
+void DynaKvCache::AttendBlockTc(int layer, const float* qp, const float* mterm, int nb, Partial& p) const {
+  const int Hq = shape_.n_head, Dp = RoundUp8(D()), h4 = Hq / 4 * 4;
+  const LayerStore& s = layers_[layer];
+  constexpr int B = kIndexEvery;
+  const TcLayer& tl = tc_[layer];
+  float* sc = p.scores.data();
+  float* acc = p.acc.data();
+  float* z = p.z.data();
+  for (int h = 0; h < Hq; ++h)
+    for (int t = 0; t < nb; ++t) sc[h * B + t] = mterm[h];
+  for (int t = 0; t < nb; ++t) {
+    const TcAllocation& a = tl.k.ladder[p.rk[t] - 1];
+    TcDecode(s.arena.data() + p.off[t], a, D(), z);
+    for (int h = 0; h < h4; h += 4) Dot4(qp + static_cast<int64_t>(h) * Dp, Dp, z, a.coords, sc + h * B + t, B);
+    for (int h = h4; h < Hq; ++h) Dot1(qp + static_cast<int64_t>(h) * Dp, z, a.coords, sc + h * B + t);
+  }
+  OnlineSoftmax(nb, p);
+  for (int t = 0; t < nb; ++t) {
+    const TcAllocation& a = tl.v.ladder[p.rv[t] - 1];
+    TcDecode(s.arena.data() + p.off[t] + s.bytes_k[p.rk[t]], a, D(), z);
+    for (int h = 0; h < h4; h += 4) Axpy4(sc + h * B + t, B, z, a.coords, acc + static_cast<size_t>(h) * Dp, Dp);
+    for (int h = h4; h < Hq; ++h) Axpy1(sc[h * B + t], z, a.coords, acc + static_cast<size_t>(h) * Dp);
+    p.rmax_v = std::max(p.rmax_v, a.coords);
+  }
+}
+
 // One thread's share of a query: cells [t0, t1) (t0 a multiple of B), block by block.
 // p.m / p.l / p.acc carry the online softmax over blocks.
 //   qp: [Hq][Dp] projected query heads (zero-padded)   mterm: [Hq]
-void DynaKvCache::AttendRange(const LayerStore& s, const float* qp, const float* mterm, int t0, int t1,
-                              Partial& p) const {
+void DynaKvCache::AttendRange(int layer, const float* qp, const float* mterm, int t0, int t1, Partial& p) const {
+  const LayerStore& s = layers_[layer];
   for (int b0 = t0; b0 < t1; b0 += kIndexEvery) {
     const int nb = std::min(t1, b0 + kIndexEvery) - b0;
     DecodeBlock(s, b0, b0 + nb, p.rk.data(), p.rv.data(), p.off.data());
     switch (format_.type) {
       case LatentFormat::kF16: AttendBlock<uint16_t>(s.arena.data(), qp, mterm, nb, p); break;
       case LatentFormat::kF32: AttendBlock<float>(s.arena.data(), qp, mterm, nb, p); break;
+      case LatentFormat::kTc: AttendBlockTc(layer, qp, mterm, nb, p); break;
       default: AttendBlockQuantized(s.arena.data(), qp, mterm, nb, p);
     }
   }
@@ -572,6 +673,7 @@ void DynaKvCache::AttendLatent(int layer, const KvPlan& plan, float* out, Thread
     p.rk.resize(kIndexEvery);
     p.rv.resize(kIndexEvery);
     p.off.resize(kIndexEvery);
+    p.z.resize(static_cast<size_t>(Dp) + 8);
   }
   att_.assign(static_cast<size_t>(plan.n) * Hq * Dk, 0.0f);
   qpad_.assign(static_cast<size_t>(Hq) * Dp, 0.0f);
@@ -590,7 +692,7 @@ void DynaKvCache::AttendLatent(int layer, const KvPlan& plan, float* out, Thread
     const float* mterm = mterm_.data() + static_cast<size_t>(i) * Hq;
     pool.ParallelFor(CeilDiv(T, kIndexEvery), [&](int64_t b, int64_t e, int tid) {
       if (b >= e) return;
-      AttendRange(s, qpad_.data(), mterm, static_cast<int>(b * kIndexEvery),
+      AttendRange(layer, qpad_.data(), mterm, static_cast<int>(b * kIndexEvery),
                   static_cast<int>(std::min<int64_t>(T, e * kIndexEvery)), partials_[tid]);
     });
     // Merge: a_h = sum_p e^(m_p - M) acc_p / sum_p e^(m_p - M) l_p.
@@ -624,18 +726,21 @@ void DynaKvCache::AttendGemm(int layer, const KvPlan& plan, float* out, ThreadPo
   std::vector<int> rk(T), rv(T);
   std::vector<int64_t> off(T);
   DecodeBlock(s, 0, T, rk.data(), rv.data(), off.data());
-  const int rmax_k = *std::max_element(rk.begin(), rk.end());
-  const int rmax_v = *std::max_element(rv.begin(), rv.end());
+  int rmax_k = 1, rmax_v = 1;  // widest latents (at least 1 column: tc codes may be empty)
+  for (int t = 0; t < T; ++t) {
+    rmax_k = std::max(rmax_k, s.width_k[rk[t]]);
+    rmax_v = std::max(rmax_v, s.width_v[rv[t]]);
+  }
   kd_.resize(static_cast<size_t>(T) * rmax_k);
   vd_.resize(static_cast<size_t>(T) * rmax_v);
   pool.ParallelForChunked(T, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       float* kt = kd_.data() + t * rmax_k;
       float* vt = vd_.data() + t * rmax_v;
-      ReadLatent(s, off[t], rk[t], kt);
-      ReadLatent(s, off[t] + format_.Bytes(rk[t]), rv[t], vt);
-      std::fill(kt + rk[t], kt + rmax_k, 0.0f);
-      std::fill(vt + rv[t], vt + rmax_v, 0.0f);
+      ReadLatent(layer, false, off[t], rk[t], kt);
+      ReadLatent(layer, true, off[t] + s.bytes_k[rk[t]], rv[t], vt);
+      std::fill(kt + s.width_k[rk[t]], kt + rmax_k, 0.0f);
+      std::fill(vt + s.width_v[rv[t]], vt + rmax_v, 0.0f);
     }
   });
   s_.resize(static_cast<size_t>(n) * T);
@@ -666,14 +771,19 @@ StatusOr<std::unique_ptr<DynaKvCache>> CreateDynaKvCacheFromProfile(const KvConf
                                                                     int capacity,
                                                                     std::shared_ptr<const DynaKvProfile> profile,
                                                                     const std::string& origin) {
+  if (profile == nullptr) return InvalidArgument("dynakv: no profile given");
   int group;
   DK_ASSIGN_OR_RETURN(group, config.options.Int("--latent-group", 0, 0, 1 << 20));
+  // A router trained for tc latents runs on them unless --kv-dtype says otherwise.
   LatentFormat format;
-  DK_ASSIGN_OR_RETURN(format, ParseLatentFormat(config.options.String("--kv-dtype", "f16"), group));
-  if (profile == nullptr) return InvalidArgument("dynakv: no profile given");
+  DK_ASSIGN_OR_RETURN(format,
+                      ParseLatentFormat(config.options.String("--kv-dtype", profile->tc_router() ? "tc" : "f16"), group));
   DK_RETURN_IF_ERROR(ValidateProfile(*profile, origin));
   DK_RETURN_IF_ERROR(CheckProfileMatchesModel(*profile, model, origin));
   const KvShape& shape = model.shape;
+  if (format.tc() && shape.kv_dim() % 8 != 0)
+    return InvalidArgument("--kv-dtype tc: the latent width D = " + std::to_string(shape.kv_dim()) +
+                           " must be a multiple of 8 (codes are packed 8 at a time)");
   if (shape.n_head_kv <= 0 || shape.n_head % shape.n_head_kv != 0)
     return InvalidArgument("dynakv: " + std::to_string(shape.n_head) + " query heads are not a multiple of " +
                            std::to_string(shape.n_head_kv) + " KV heads");
@@ -733,13 +843,14 @@ const KvMethod& DynaKvMethod() {
   static const KvMethod m{
       "dynakv",
       "low-rank latents on a calibrated basis, each token its own rank (--profile)",
-      {{"--kv-dtype", "TYPE", "storage of cached rows or latents: f16 (default) or f32; dynakv also q8, q4"},
+      {{"--kv-dtype", "TYPE", "storage of cached rows or latents: f16 (default) or f32; dynakv also q8, q4, tc (rank x precision)"},
        {"--latent-group", "G", "dynakv q8/q4: numbers per fp16 scale (default 0: one scale per latent)"},
        {"--profile", "FILE", "dynakv: calibrated profile from 'dynakv calibrate' (or 'train-router')"},
        {"--rank-policy", "NAME", "dynakv: uniform (default), energy, or router (a profile from train-router)"},
        {"--rank", "N", "dynakv uniform: rank of every token's latent (1..D)"},
        {"--tau", "X", "dynakv energy: fraction of each token's latent energy to keep"},
-       {"--kv-budget", "X", "dynakv: cache bytes as a fraction of the fp16 full cache"}},
+       {"--kv-budget", "X", "dynakv: cache bytes as a fraction of the fp16 full cache"},
+       {"--k-share", "X", "dynakv uniform with --kv-budget: share of the bytes given to keys (default 0.5)"}},
       &CreateDynaKv};
   return m;
 }

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "kv/full_cache.h"  // KvDtype
+#include "ops/tcode.h"
 #include "kv/kv_cache.h"
 #include "kv/profile.h"
 #include "kv/rank_policy.h"
@@ -18,20 +19,31 @@ namespace dk {
 
 // How a latent's numbers are stored (--kv-dtype): f16 or f32, or quantized symmetrically to int8
 // / int4 with an fp16 scale per `group` numbers (--latent-group; 0 = one scale per latent, i.e. per
-// token), the scales first, then the codes, padded to an even byte count (ops/quant.h).
+// token), the scales first, then the codes, padded to an even byte count (ops/quant.h); or
+// transform-coded (tc: rank x precision, ops/tcode.h), where a token's rank r stands for the code
+// of least distortion in at most the 2 r bytes an fp16 latent of rank r takes.
 struct LatentFormat {
-  enum Type { kF16, kF32, kQ8, kQ4 } type = kF16;
+  enum Type { kF16, kF32, kQ8, kQ4, kTc } type = kF16;
   int group = 0;
 
   bool quantized() const { return type == kQ8 || type == kQ4; }
+  bool tc() const { return type == kTc; }
   int bits() const { return type == kQ8 ? 8 : 4; }
   int Groups(int r) const { return group > 0 ? (r + group - 1) / group : 1; }
   int GroupSize(int r) const { return group > 0 ? group : r; }
-  int64_t Bytes(int r) const;  // one latent of rank r
+  int64_t Bytes(int r) const;  // one latent of rank r (tc: the upper bound 2 r)
   std::string Name() const;     // "f16", "q8", "q4g32", ...
 };
-// "f16", "f32", "q8", "q4"; InvalidArgument naming --kv-dtype or --latent-group.
+// "f16", "f32", "q8", "q4", "tc"; InvalidArgument naming --kv-dtype or --latent-group.
 StatusOr<LatentFormat> ParseLatentFormat(const std::string& dtype, int group);
+
+// tc: how one of K or V of a layer is coded: the ladder (the allocation each rank stands for) and
+// the standard deviations that normalise the latent (z = c / sigma) before quantizing.
+struct TcCodebook {
+  std::vector<TcAllocation> ladder;     // [D] allocation of rank r at [r - 1]
+  std::vector<float> sigma, inv_sigma;  // [D] sqrt(eigenvalue), floored at 1e-4 of the first
+};
+TcCodebook MakeTcCodebook(const BasisSet& b, int D);
 
 class DynaKvCache final : public KvCache {
  public:
@@ -81,6 +93,8 @@ class DynaKvCache final : public KvCache {
  private:
   // One layer's packed records; offsets and sizes in bytes.
   struct LayerStore {
+    std::vector<int32_t> bytes_k, bytes_v;  // [D + 1] bytes of a K / V latent of rank r
+    std::vector<int32_t> width_k, width_v;  // [D + 1] numbers it decodes to (r; tc: the code's coords)
     std::vector<uint8_t> arena;    // [arena_bytes + slack] records [c_K][c_V], token after token
     int64_t arena_bytes = 0;       // allocated bytes (slack not counted)
     int64_t used = 0;              // bytes written = sum over tokens of Bytes(r_K) + Bytes(r_V)
@@ -95,6 +109,7 @@ class DynaKvCache final : public KvCache {
     std::vector<float> scores;      // [Hq][B] scores, then softmax weights
     std::vector<int> rk, rv;        // [B] ranks of a block
     std::vector<int64_t> off;       // [B] record offsets in the arena
+    std::vector<float> z;           // [Dp] one decoded tc latent
     int rmax_v = 0;                 // acc columns touched so far
   };
 
@@ -102,10 +117,11 @@ class DynaKvCache final : public KvCache {
   int D() const { return shape_.kv_dim(); }
   // Ranks and record offsets of tokens [t0, t1) of a layer; t0 must be a multiple of B.
   void DecodeBlock(const LayerStore& s, int t0, int t1, int* rk, int* rv, int64_t* off) const;
-  void ReadLatent(const LayerStore& s, int64_t off, int r, float* dst) const;  // dst: [r]
+  // dst: [width] the stored numbers (tc: normalised, z = c / sigma)
+  void ReadLatent(int layer, bool value, int64_t off, int r, float* dst) const;
   void Reconstruct(int layer, int t, bool value, double* dst) const;            // dst: [D]
-  void Append(LayerStore& s, const float* c, int r);
-  void AppendRecord(LayerStore& s, TokenRanks r, const float* ck, const float* cv);
+  void Append(int layer, bool value, const float* c, int r);
+  void AppendRecord(int layer, TokenRanks r, const float* ck, const float* cv);
   void Grow(LayerStore& s, int64_t need_bytes);
 
   // Projected queries: qt [n][Hq][D] = U_K,h^T q_h / sqrt(d); mterm [n][Hq] = q_h . mu_K,h / sqrt(d).
@@ -116,8 +132,9 @@ class DynaKvCache final : public KvCache {
   template <typename T>
   void AttendBlock(const uint8_t* arena, const float* qp, const float* mterm, int nb, Partial& p) const;
   void AttendBlockQuantized(const uint8_t* arena, const float* qp, const float* mterm, int nb, Partial& p) const;
+  void AttendBlockTc(int layer, const float* qp, const float* mterm, int nb, Partial& p) const;
   void OnlineSoftmax(int nb, Partial& p) const;  // the per-head softmax update of a block's scores
-  void AttendRange(const LayerStore& s, const float* qp, const float* mterm, int t0, int t1, Partial& p) const;
+  void AttendRange(int layer, const float* qp, const float* mterm, int t0, int t1, Partial& p) const;
   void AttendGemm(int layer, const KvPlan& plan, float* out, ThreadPool& pool);
 
   LatentFormat format_;
@@ -126,9 +143,14 @@ class DynaKvCache final : public KvCache {
   int meta_width_;  // bytes per rank: 1 when D <= 256 (rank - 1 fits a byte), else 2
   RecordCost cost_;
   std::vector<LayerStore> layers_;  // [n_layer]
+  struct TcLayer {
+    TcCodebook k, v;
+  };
+  std::vector<TcLayer> tc_;         // [n_layer] (tc only)
 
   // Scratch (Write and Attend run on the caller's thread; workers only touch their Partial).
   std::vector<float> xc_, ck_, cv_;   // [n][D] centred rows, latents of K and V
+  std::vector<float> zt_;             // [D] one normalised latent (tc encode)
   std::vector<TokenRanks> ranks_;     // [n]
   std::vector<float> qt_, mterm_;     // [n][Hq][D], [n][Hq]
   std::vector<float> qpad_;           // [Hq][Dp] one query's projected heads, zero-padded

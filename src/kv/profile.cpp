@@ -294,7 +294,7 @@ Status ValidateProfile(const DynaKvProfile& p, const std::string& origin) {
     DK_RETURN_IF_ERROR(ValidateBasisSet(p.k[l], static_cast<int>(D), origin + ": layer " + std::to_string(l) + " K"));
     DK_RETURN_IF_ERROR(ValidateBasisSet(p.v[l], static_cast<int>(D), origin + ": layer " + std::to_string(l) + " V"));
   }
-  if ((p.flags & ~DynaKvProfile::kFlagTrainedBases) != 0)
+  if ((p.flags & ~(DynaKvProfile::kFlagTrainedBases | DynaKvProfile::kFlagTcRouter)) != 0)
     return Corrupt(origin + ": unknown flags " + Hex32(p.flags));
   if (p.router) DK_RETURN_IF_ERROR(ValidateRouter(*p.router, p.n_layer, static_cast<int>(p.levels.size()), origin));
   return Status::Ok();

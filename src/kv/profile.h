@@ -26,6 +26,7 @@ struct BasisSet {
 struct DynaKvProfile {
   static constexpr uint32_t kFormatVersion = 2;  // 1: bases only; 2: adds flags and the router
   static constexpr uint32_t kFlagTrainedBases = 1;  // bases and means refined by train-router --train-bases
+  static constexpr uint32_t kFlagTcRouter = 2;      // the router was trained for tc latents (rank x precision)
   uint64_t model_fingerprint = 0;  // Model::fingerprint() of the calibrated model
   std::string model_name;          // for messages only
   int n_layer = 0;
@@ -39,6 +40,7 @@ struct DynaKvProfile {
   std::optional<Router> router;    // the learned router, when trained
 
   bool trained_bases() const { return (flags & kFlagTrainedBases) != 0; }
+  bool tc_router() const { return (flags & kFlagTcRouter) != 0; }
 
   int kv_dim() const { return n_head_kv * head_dim; }
   // Fraction of variance kept by the first r directions (sum of top-r eigenvalues / total).

@@ -40,14 +40,16 @@ Status CheckBudget(double budget, int min_rank, const RankPolicyContext& ctx) {
 
 }  // namespace
 
-TokenRanks UniformRanksForBudget(double budget, const RankPolicyContext& ctx) {
+TokenRanks UniformRanksForBudget(double budget, const RankPolicyContext& ctx, double k_share) {
   const int D = ctx.kv_dim;
   const double per_token = budget * 4.0 * D;  // bytes per token per layer allowed
   const double latent_bytes = per_token - ctx.cost.meta_bytes - ctx.cost.index_bytes_per_token;
   int total = static_cast<int>(std::lround(latent_bytes / ctx.cost.elem_bytes));
   total = std::clamp(total, 2, 2 * D);
   // Keys get the odd number: scores are more sensitive to key error than outputs to value error.
-  return TokenRanks{std::min(D, (total + 1) / 2), std::max(1, total / 2)};
+  if (k_share == 0.5) return TokenRanks{std::min(D, (total + 1) / 2), std::max(1, total / 2)};
+  const int rk = std::clamp(static_cast<int>(std::lround(total * k_share)), 1, D);
+  return TokenRanks{rk, std::clamp(total - rk, 1, D)};
 }
 
 double MinBudgetFraction(const RankPolicyContext& ctx) {
@@ -61,8 +63,11 @@ StatusOr<std::unique_ptr<RankPolicy>> CreateRankPolicy(const KvConfig& kv, const
     return InvalidArgument("--rank-policy: unknown rank policy '" + name + "' (known: uniform, energy, router)");
   struct {
     int rank;
-    double tau, kv_budget;
+    double tau, kv_budget, k_share;
   } config;
+  DK_ASSIGN_OR_RETURN(config.k_share, kv.options.Double("--k-share", 0.5, 0.01, 0.99));
+  if (name != "uniform" && kv.options.Has("--k-share"))
+    return InvalidArgument("--k-share: only the uniform rank policy with --kv-budget splits its bytes by a fixed share");
   DK_ASSIGN_OR_RETURN(config.rank, kv.options.Int("--rank", -1, 1, 1 << 20));
   DK_ASSIGN_OR_RETURN(config.tau, kv.options.Double("--tau", -1.0, 0.0, 1.0));
   DK_ASSIGN_OR_RETURN(config.kv_budget, kv.options.Double("--kv-budget", -1.0, 1e-9, 1.0));
@@ -93,7 +98,7 @@ StatusOr<std::unique_ptr<RankPolicy>> CreateRankPolicy(const KvConfig& kv, const
   if (name == "uniform") {
     if (has_budget) {
       DK_RETURN_IF_ERROR(CheckBudget(config.kv_budget, 1, ctx));
-      const TokenRanks r = UniformRanksForBudget(config.kv_budget, ctx);
+      const TokenRanks r = UniformRanksForBudget(config.kv_budget, ctx, config.k_share);
       return MakeUniformRankPolicy(r.r_k, r.r_v);
     }
     if (!has_rank)

@@ -71,8 +71,9 @@ class RankPolicy {
 // Uniform: every token (r_k, r_v). Ranks in [1, D].
 std::unique_ptr<RankPolicy> MakeUniformRankPolicy(int r_k, int r_v);
 // Uniform ranks that fill `budget` (fraction of fp16 full-cache bytes) as closely as integers allow:
-// r_k + r_v = round((budget * 4D - metadata) / elem_bytes), r_k = ceil(half), r_v = floor(half).
-TokenRanks UniformRanksForBudget(double budget, const RankPolicyContext& ctx);
+// r_k + r_v = round((budget * 4D - metadata) / elem_bytes), r_k = ceil(half), r_v = floor(half);
+// with k_share != 0.5, r_k = round(k_share x the total) (--k-share).
+TokenRanks UniformRanksForBudget(double budget, const RankPolicyContext& ctx, double k_share = 0.5);
 
 // Energy: per token, the smallest level whose prefix keeps >= tau of the token's latent energy,
 // separately for K and V. tau <= 0: the lowest level; tau >= 1: D.

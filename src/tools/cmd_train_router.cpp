@@ -45,6 +45,9 @@ int CmdTrainRouter(int argc, char** argv) {
   p.AddInt({"--warmup"}, &warmup, 0, 1 << 24, "warm-up steps (default steps / 20)");
   p.AddDouble({"--weight-decay"}, &o.adam.weight_decay, 0.0, 10.0, "AdamW decoupled weight decay (default 0.01)");
   p.AddDouble({"--clip"}, &o.adam.clip, 0.0, 1e9, "gradient-norm clip, 0 = off (default 1)");
+  std::string kv_dtype = "tc";
+  p.AddString({"--kv-dtype"}, &kv_dtype, "TYPE",
+              "latents the router is trained for: tc (rank x precision, default) or f16 (rank only)");
   p.AddFlag({"--train-bases"}, &o.train_bases, "also train the K/V bases (Cayley map from the PCA bases) and means");
   p.AddDouble({"--bases-lr-scale"}, &o.bases_lr_scale, 0.0, 100.0, "bases' learning rate / router's (default 0.1)");
   p.AddInt({"--calib-seqs"}, &o.calib_seqs, 1, 1 << 20, "sequences for the final budget calibration (default 8)");
@@ -58,6 +61,9 @@ int CmdTrainRouter(int argc, char** argv) {
   p.AddFlag({"-q", "--quiet"}, &quiet, "no progress bar");
   p.AddFlag({"-h", "--help"}, &help, "show this help");
   if (Status s = p.Parse(argc, argv, 2); !s.ok()) return UsageError("train-router", p, s);
+  if (kv_dtype != "tc" && kv_dtype != "f16")
+    return UsageError("train-router", p, InvalidArgument("--kv-dtype: train-router trains for tc or f16 latents, found '" + kv_dtype + "'"));
+  o.tc = kv_dtype == "tc";
   if (help) {
     std::printf("%s", p.Usage().c_str());
     return kExitOk;
@@ -95,9 +101,9 @@ int CmdTrainRouter(int argc, char** argv) {
   if (!data.ok()) return Fail("train-router", data.status());
   std::fprintf(stderr,
                "train-router: %zu text tokens, %zu documents (%d shortened to fit --seq-len, %d skipped); target %.4g, "
-               "%d steps of %d x %d tokens, router width %d%s\n",
+               "%d steps of %d x %d tokens, router width %d, %s latents%s\n",
                data->plain.size(), data->docs.size(), data->shortened_docs, data->skipped_docs, o.target, o.steps, o.batch, o.seq_len,
-               o.hidden, o.train_bases ? ", training bases" : "");
+               o.hidden, o.tc ? "tc" : "f16", o.train_bases ? ", training bases" : "");
   ThreadPool pool(threads);
   ConfigureBlasFor(threads);
   ProgressBar bar("train-router", o.steps, !quiet);

@@ -4,6 +4,8 @@
 #include <cmath>
 #include <random>
 
+#include <cblas.h>
+
 #include "ops/grad.h"
 #include "train/cayley.h"
 
@@ -74,7 +76,103 @@ RelaxedDynaKvCache<T>::RelaxedDynaKvCache(const DynaKvProfile& profile, int n_em
     if (opt_.train_bases) {
       for (auto* m : {&s.qk, &s.qv, &s.mik, &s.miv}) m->assign(D * D, T(0));
     }
+    if (opt_.tc) {
+      tck_.push_back(MakeTcCodebook(profile.k[l], D_));
+      tcv_.push_back(MakeTcCodebook(profile.v[l], D_));
+      covk_.emplace_back();
+      covv_.emplace_back();
+      for (int r : levels_) {
+        covk_.back().push_back(tck_.back().ladder[r - 1].coords);
+        covv_.back().push_back(tcv_.back().ladder[r - 1].coords);
+      }
+    }
   }
+}
+
+namespace {
+
+// c[n][D] (+)= a[n][D] b[D][D] (b transposed when trans_b), in T's precision through BLAS.
+void Gemm(int n, int D, const float* a, const float* b, bool trans_b, float beta, float* c) {
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans, n, D, D, 1.0f, a, D, b, D, beta, c, D);
+}
+void Gemm(int n, int D, const double* a, const double* b, bool trans_b, double beta, double* c) {
+  cblas_dgemm(CblasRowMajor, CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans, n, D, D, 1.0, a, D, b, D, beta, c, D);
+}
+
+}  // namespace
+
+template <typename T>
+void RelaxedDynaKvCache<T>::CoverageMask(const T* p, const std::vector<int>& cov, T* m, int n) const {
+  for (int t = 0; t < n; ++t) {
+    T* mr = m + static_cast<size_t>(t) * D_;
+    std::fill(mr, mr + D_, T(0));
+    for (int j = 0; j < L_; ++j) {
+      const T pj = p[static_cast<size_t>(t) * L_ + j];
+      if (pj != T(0))
+        for (int i = 0; i < cov[j]; ++i) mr[i] += pj;
+    }
+  }
+}
+
+template <typename T>
+void RelaxedDynaKvCache<T>::CoverageMaskBackward(const T* dm, const std::vector<int>& cov, T* dp, int n) {
+  std::vector<T> prefix(static_cast<size_t>(D_) + 1, T(0));
+  for (int t = 0; t < n; ++t) {
+    const T* d = dm + static_cast<size_t>(t) * D_;
+    for (int i = 0; i < D_; ++i) prefix[i + 1] = prefix[i] + d[i];
+    for (int j = 0; j < L_; ++j) dp[static_cast<size_t>(t) * L_ + j] = prefix[cov[j]];
+  }
+}
+
+template <typename T>
+void RelaxedDynaKvCache<T>::CodeError(const TcCodebook& cb, int rank, const T* c, T* e) {
+  const TcAllocation& a = cb.ladder[rank - 1];
+  zq_.resize(2 * static_cast<size_t>(D_));
+  rec_.resize(static_cast<size_t>(a.bytes) + 8);
+  float* z = zq_.data();
+  float* zhat = z + D_;
+  for (int i = 0; i < a.coords; ++i) z[i] = static_cast<float>(c[i]) * cb.inv_sigma[i];
+  TcEncode(z, a, D_, rec_.data());
+  TcDecode(rec_.data(), a, D_, zhat);
+  for (int i = 0; i < a.coords; ++i) e[i] = static_cast<T>(cb.sigma[i] * zhat[i]) - c[i];
+  std::fill(e + a.coords, e + D_, T(0));
+}
+
+template <typename T>
+void RelaxedDynaKvCache<T>::AddCodeError(int layer, int which, int n, const T* p, const T* c, T* xhat) {
+  const TcCodebook& cb = which == 0 ? tck_[layer] : tcv_[layer];
+  emix_.assign(static_cast<size_t>(n) * D_, T(0));
+  err_.resize(D_);
+  for (int t = 0; t < n; ++t)
+    for (int j = 0; j < L_; ++j) {
+      const T pj = p[static_cast<size_t>(t) * L_ + j];
+      if (pj == T(0)) continue;
+      CodeError(cb, levels_[j], c + static_cast<size_t>(t) * D_, err_.data());
+      T* et = emix_.data() + static_cast<size_t>(t) * D_;
+      for (int i = 0; i < D_; ++i) et[i] += pj * err_[i];
+    }
+  const std::vector<T>& u = which == 0 ? ls_[layer].uk : ls_[layer].uv;
+  Gemm(n, D_, emix_.data(), u.data(), true, T(1), xhat);  // xhat += E U^T
+}
+
+template <typename T>
+void RelaxedDynaKvCache<T>::CodeErrorBackward(int layer, int which, int n, const T* y, const T* c, const T* dxhat,
+                                              T* dp) {
+  const TcCodebook& cb = which == 0 ? tck_[layer] : tcv_[layer];
+  const std::vector<T>& u = which == 0 ? ls_[layer].uk : ls_[layer].uv;
+  g_.resize(static_cast<size_t>(n) * D_);
+  Gemm(n, D_, dxhat, u.data(), false, T(0), g_.data());  // g = dxhat U
+  err_.resize(D_);
+  for (int t = 0; t < n; ++t)
+    for (int j = 0; j < L_; ++j) {
+      // A level the soft sample gives no weight has no gradient through the Gumbel-softmax.
+      if (!(y[static_cast<size_t>(t) * L_ + j] > T(1e-9))) continue;
+      CodeError(cb, levels_[j], c + static_cast<size_t>(t) * D_, err_.data());
+      const T* gt = g_.data() + static_cast<size_t>(t) * D_;
+      T s = T(0);
+      for (int i = 0; i < D_; ++i) s += gt[i] * err_[i];
+      dp[static_cast<size_t>(t) * L_ + j] += s;
+    }
 }
 
 template <typename T>
@@ -184,10 +282,19 @@ void RelaxedDynaKvCache<T>::Forward(int layer, int n, const T* k, const T* v, co
   LinearForward(s.h.data(), params_.value(q.w2v), params_.value(q.b2v), s.lv.data(), n, H_, L_);
   ChooseLevels(layer, n, 0, s.lk.data(), s.yk.data(), s.pk.data());
   ChooseLevels(layer, n, 1, s.lv.data(), s.yv.data(), s.pv.data());
-  LevelMask(s.pk.data(), levels_.data(), L_, s.mk.data(), n, D_);
-  LevelMask(s.pv.data(), levels_.data(), L_, s.mv.data(), n, D_);
+  if (opt_.tc) {
+    CoverageMask(s.pk.data(), covk_[layer], s.mk.data(), n);
+    CoverageMask(s.pv.data(), covv_[layer], s.mv.data(), n);
+  } else {
+    LevelMask(s.pk.data(), levels_.data(), L_, s.mk.data(), n, D_);
+    LevelMask(s.pv.data(), levels_.data(), L_, s.mv.data(), n, D_);
+  }
   LowRankMaskForward(k, s.uk.data(), s.muk.data(), s.mk.data(), s.ck.data(), khat, n, D_);
   LowRankMaskForward(v, s.uv.data(), s.muv.data(), s.mv.data(), s.cv.data(), vhat, n, D_);
+  if (opt_.tc) {
+    AddCodeError(layer, 0, n, s.pk.data(), s.ck.data(), khat);
+    AddCodeError(layer, 1, n, s.pv.data(), s.cv.data(), vhat);
+  }
   // Fractions: expected under softmax(logits) (the sampling distribution of the hard choice) and
   // realised by the choices made.
   de_.resize(static_cast<size_t>(n) * 2);
@@ -236,7 +343,13 @@ void RelaxedDynaKvCache<T>::Backward(int layer, int n, const T* dkhat, const T* 
     }
     LowRankMaskBackward((which == 0 ? s.k : s.v).data(), u.data(), mu.data(), (which == 0 ? s.mk : s.mv).data(),
                         (which == 0 ? s.ck : s.cv).data(), dxhat, dxin, dmask_.data(), du, dmu, n, D_);
-    LevelMaskBackward(dmask_.data(), levels_.data(), L_, dp_.data(), n, D_);
+    if (opt_.tc) {
+      CoverageMaskBackward(dmask_.data(), which == 0 ? covk_[layer] : covv_[layer], dp_.data(), n);
+      CodeErrorBackward(layer, which, n, (which == 0 ? s.yk : s.yv).data(), (which == 0 ? s.ck : s.cv).data(), dxhat,
+                        dp_.data());
+    } else {
+      LevelMaskBackward(dmask_.data(), levels_.data(), L_, dp_.data(), n, D_);
+    }
     GumbelSoftmaxBackward((which == 0 ? s.yk : s.yv).data(), dp_.data(), static_cast<T>(tau_), dl, n, L_);
     SoftmaxExpectationBackward((which == 0 ? s.lk : s.lv).data(), level_cost_.data(), de_.data(), tmp_.data(), n, L_);
     for (size_t i = 0; i < nL; ++i) dl[i] += tmp_[i];
@@ -307,6 +420,7 @@ void RelaxedDynaKvCache<T>::Export(DynaKvProfile* profile) const {
     }
   }
   if (opt_.train_bases) profile->flags |= DynaKvProfile::kFlagTrainedBases;
+  if (opt_.tc) profile->flags |= DynaKvProfile::kFlagTcRouter;
   profile->router = std::move(r);
 }
 

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "core/hash.h"
+#include "kv/dynakv_cache.h"
 #include "kv/profile.h"
 #include "kv/rank_policy.h"
 #include "model/train_graph.h"
@@ -36,6 +37,12 @@ struct RelaxedCacheOptions {
   double target = 0.25;      // target cache fraction (the router's output biases start near it)
   bool train_bases = false;  // also train the bases (Cayley) and the means
   double bases_lr_scale = 0.1;  // their learning rate relative to the router's
+  // Rank x precision (--kv-dtype tc): level j stands for the transform code of rank levels[j]
+  // (kv/dynakv_cache.h, ops/tcode.h), so khat = U c^_j + mu with c^_j the decoded code. In the
+  // forward pass c^_j = m_j * c + e_j (m_j: the coordinates the code covers, e_j its error); the
+  // router's gradient is exact (dL/dp_j = <dL/dc^, c^_j>), the input's passes the covered
+  // coordinates straight through (the error e_j is held constant, as is its dependence on trained bases).
+  bool tc = false;
 };
 
 template <typename T>
@@ -101,6 +108,14 @@ class RelaxedDynaKvCache final : public KvRelaxation<T> {
   };
 
   void ChooseLevels(int layer, int n, int which, const T* logits, T* y, T* p);
+  // tc: m[t][i] = sum_j p[t][j] [i < cov[j]]; dp[t][j] = sum_{i < cov[j]} dm[t][i].
+  void CoverageMask(const T* p, const std::vector<int>& cov, T* m, int n) const;
+  void CoverageMaskBackward(const T* dm, const std::vector<int>& cov, T* dp, int n);
+  // tc: e = c^ - m * c for the code of rank `rank` of latent c [D] (0 past the code's coordinates).
+  void CodeError(const TcCodebook& cb, int rank, const T* c, T* e);
+  // tc forward: xhat += (sum_j p_j e_j) U^T;  backward: dp[t][j] += <dxhat U, e_j> where y[t][j] > 0.
+  void AddCodeError(int layer, int which, int n, const T* p, const T* c, T* xhat);
+  void CodeErrorBackward(int layer, int which, int n, const T* y, const T* c, const T* dxhat, T* dp);
   void UpdateBases();
 
   const int n_layer_, D_, E_, H_, L_;
@@ -116,6 +131,11 @@ class RelaxedDynaKvCache final : public KvRelaxation<T> {
   uint64_t noise_key_ = 0;
   double fraction_grad_ = 0.0;
   std::vector<T> dmask_, dp_, dl_, de_, tmp_, dh_, dpre_, du_;  // backward scratch
+  std::vector<TcCodebook> tck_, tcv_;            // [n_layer] (tc only)
+  std::vector<std::vector<int>> covk_, covv_;    // [n_layer][L] coordinates each level's code covers
+  std::vector<T> err_, emix_, g_;                // tc scratch: [D], [n][D], [n][D]
+  std::vector<float> zq_;                        // [2 D] normalised latent and its decoded code
+  std::vector<uint8_t> rec_;                     // one record
 };
 
 extern template class RelaxedDynaKvCache<float>;

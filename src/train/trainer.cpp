@@ -31,7 +31,7 @@ uint64_t ConfigHash(const TrainRouterOptions& o, const Model& model, const DynaK
   s.precision(17);
   s << o.target << ' ' << o.steps << ' ' << o.batch << ' ' << o.seq_len << ' ' << o.hidden << ' ' << o.lambda << ' '
     << o.w_kl << ' ' << o.w_ce << ' ' << o.tau_start << ' ' << o.tau_end << ' ' << o.doc_ratio << ' ' << o.seed << ' '
-    << o.train_bases << ' ' << o.bases_lr_scale << ' ' << o.adam.lr << ' ' << o.adam.min_lr_ratio << ' '
+    << o.train_bases << ' ' << o.tc << ' ' << o.bases_lr_scale << ' ' << o.adam.lr << ' ' << o.adam.min_lr_ratio << ' '
     << o.adam.warmup << ' ' << o.adam.weight_decay << ' ' << o.adam.clip << ' ' << model.fingerprint();
   for (int l : base.levels) s << ' ' << l;
   const std::string text = s.str();
@@ -156,6 +156,7 @@ std::string InfoJson(const TrainRouterOptions& o, const std::optional<LastStepMe
   j["weight_decay"] = o.adam.weight_decay;
   j["clip"] = o.adam.clip;
   j["train_bases"] = o.train_bases;
+  j["kv_dtype"] = o.tc ? "tc" : "f16";
   j["calib_seqs"] = o.calib_seqs;
   if (last) j["last_step"] = {{"loss", last->loss}, {"kl", last->kl}, {"ce", last->ce}, {"fraction", last->fraction}};
   j["calibrated_fraction"] = final_fraction;
@@ -209,7 +210,7 @@ StatusOr<TrainRouterResult> TrainRouter(const Model& model, const DynaKvProfile&
 
   ParamStore<float> params;
   RelaxedDynaKvCache<float> relax(base, c.n_embd, cost,
-                                  RelaxedCacheOptions{o.hidden, o.target, o.train_bases, o.bases_lr_scale}, params);
+                                  RelaxedCacheOptions{o.hidden, o.target, o.train_bases, o.bases_lr_scale, o.tc}, params);
   relax.InitParams(Mix64(o.seed ^ 0x7e57ab1eull));
   AdamW adam(o.adam, params.size());
   const ModelGraphWeights weights(model);  // fp32 copies of matrices not stored as f32

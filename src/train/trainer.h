@@ -39,6 +39,7 @@ struct TrainRouterOptions {
   double doc_ratio = 0.5;    // fraction of sequences ending with a retrieval document
   uint64_t seed = 1;
   bool train_bases = false;  // also train the bases (Cayley) and the means
+  bool tc = false;           // train for tc latents (rank x precision); the CLI's default is true
   double bases_lr_scale = 0.1;
   AdamWOptions adam;
   int calib_seqs = 8;        // sequences for the final bias shift and the budget table
