@@ -11,6 +11,7 @@
 #include <cctype>
 #include <chrono>
 #include <cstdio>
+#include <sstream>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -417,4 +418,35 @@ TEST(Cli, ContextAboveTheTrainingContextIsAWarning) {
 }
 
 }  // namespace
+// `info --tc` prints the code each profile level stands for: non-decreasing bytes within 2 r, and
+// the last level (r = D) codes every coordinate.
+TEST(Cli, InfoTcPrintsEachLevelsCode) {
+  auto r = RunCli("info -m " + kStories + " --profile " + DataPath("stories260K-v1.dkv") + " --tc");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const size_t at = r.out.find("layer kv      r  bytes coords  widths\n");
+  ASSERT_NE(at, std::string::npos) << r.out;
+  std::istringstream in(r.out.substr(at));
+  std::string line;
+  std::getline(in, line);
+  int rows = 0, last_bytes = -1, last_layer = -1;
+  char last_kv = 0;
+  while (std::getline(in, line)) {
+    int layer = 0, rank = 0, bytes = 0, coords = 0;
+    char kv = 0;
+    ASSERT_EQ(std::sscanf(line.c_str(), "%d %c %d %d %d", &layer, &kv, &rank, &bytes, &coords), 5) << line;
+    if (layer != last_layer || kv != last_kv) last_bytes = -1;
+    EXPECT_LE(bytes, 2 * rank) << line;
+    EXPECT_GE(bytes, last_bytes) << line;
+    EXPECT_LE(coords, 32) << line;  // D = 4 KV heads x 8
+    if (rank == 32) {
+      EXPECT_EQ(coords, 32) << line;
+    }
+    last_bytes = bytes;
+    last_layer = layer;
+    last_kv = kv;
+    ++rows;
+  }
+  EXPECT_GT(rows, 0);
+}
+
 }  // namespace dk

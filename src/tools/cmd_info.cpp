@@ -3,6 +3,7 @@
 #include <map>
 #include <utility>
 
+#include "kv/dynakv_cache.h"
 #include "kv/full_cache.h"
 #include "kv/profile.h"
 #include "tools/common.h"
@@ -11,11 +12,13 @@ namespace dk::cli {
 
 int CmdInfo(int argc, char** argv) {
   std::string model_path, profile_path;
-  bool help = false, tensors = false;
+  bool help = false, tensors = false, tc = false;
   ArgParser p("info", "print a model's metadata, shapes and KV cache bytes per token");
   p.AddString({"-m", "--model"}, &model_path, "FILE", "GGUF model file (required)");
   p.AddString({"--profile"}, &profile_path, "FILE",
               "also check a DynaKV profile against the model and print its explained variance per layer and level");
+  p.AddFlag({"--tc"}, &tc,
+            "with --profile: the rank x precision code each level stands for (--kv-dtype tc), per layer for K and V");
   p.AddFlag({"--tensors"}, &tensors, "accepted for old scripts: the tensor table is always printed");
   p.AddFlag({"-h", "--help"}, &help, "show this help");
   if (Status s = p.Parse(argc, argv, 2); !s.ok()) return UsageError("info", p, s);
@@ -90,11 +93,28 @@ int CmdInfo(int argc, char** argv) {
       std::printf("profile bases   trained by train-router (Cayley rotations of the PCA bases; eigenvalues are PCA's)\n");
     if (profile->router) {
       const Router& r = *profile->router;
-      std::printf("router          hidden width %d, trained for fraction %.4g, budget table of %zu rows\n", r.hidden,
-                  r.target, r.budget.size());
+      std::printf("router          hidden width %d, trained for fraction %.4g (%s latents), budget table of %zu rows\n",
+                  r.hidden, r.target, profile->tc_router() ? "tc" : "fp16", r.budget.size());
       std::printf("router info     %s\n", r.info.c_str());
     }
     std::printf("%s", ExplainedVarianceTable(*profile).c_str());
+    if (tc) {
+      const int D = s.kv_dim();
+      if (D % 8 != 0) return Fail("info", InvalidArgument("--tc: tc latents need D % 8 == 0, the model has D = " +
+                                                          std::to_string(D)));
+      std::printf("tc codes: rank r stands for at most 2 r bytes; bits per group of %d coordinates\n", kTcGroup);
+      std::printf("layer kv      r  bytes coords  widths\n");
+      for (int l = 0; l < c.n_layer; ++l)
+        for (int which = 0; which < 2; ++which) {
+          const TcCodebook cb = MakeTcCodebook(which == 0 ? profile->k[l] : profile->v[l], D);
+          for (int r : profile->levels) {
+            const TcAllocation& a = cb.ladder[r - 1];
+            std::string widths;
+            for (int i = 0; i < a.active; ++i) widths += (i ? "," : "") + std::to_string(a.bits[i]);
+            std::printf("%5d  %c %6d %6d %6d  %s\n", l, which == 0 ? 'K' : 'V', r, a.bytes, a.coords, widths.c_str());
+          }
+        }
+    }
   }
   return kExitOk;
 }
