@@ -4,7 +4,10 @@ every method of the v3 evaluation with perplexity, KL and top-1 (3072 tokens com
 scored), key retrieval among distractors and record lookups, with breakdowns by prompt length and
 depth, the step times of results/v3-steps.txt, and the speed tables of results/speed-v3/ (v3 at
 4k/16k/32k) and results/speed-l3-8b-q4_0/ (a Llama-3-8B-shaped random-weight model, 8 layers, q4_0
-weights, at 8k/32k), both from `scripts/results_v3.sh`.
+weights, at 8k/32k), both from `scripts/results_v3.sh`; and the rank x precision section (tc
+latents) from results/eval-llama-27M-v3-tc/summary.json, whose full and q4_0-h runs are the same
+runs as the main evaluation's (same configuration, reused), with the ablation against the main
+evaluation's router variants.
 
   scripts/report_v3.py [--summary FILE] [--out FILE]
 """
@@ -124,7 +127,67 @@ def plots(rows, plots_dir):
     report.save(fig, plots_dir, "v3_quality")
 
 
-def training_plot(paths, plots_dir):
+def tc_section(main_rows, path, plots_dir):
+    """Rank x precision: every tc run, the ablation at each fraction (rank-only router, router +
+    int8, router + int4, router + SnapKV, uniform tc, router tc, router tc + SnapKV) and the issue's
+    targets checked against the same runs' full cache and q4_0-h."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        tc_rows = json.load(f)["rows"]
+    by = {label(r): r for r in main_rows}
+    by.update({label(r): r for r in tc_rows})
+    full, q4 = by.get("full"), by.get("q4_0-h")
+    out = ["## Rank x precision (`--kv-dtype tc`)", "",
+           "Transform-coded latents (docs/method.md section 7, layout in docs/kv_layout.md): a token's level "
+           "is a number of coordinates and a width per group of 32, the least-distortion code at its bytes "
+           "per layer; `tc` is uniform rank with tc storage, `router-tc` the router trained with tc latents "
+           "(`train-router` default), `router-tc+snapkv` that router with SnapKV keeping sqrt(F) of the "
+           "tokens at sqrt(F) of the bytes. Same protocol as above; from "
+           "`results/eval-llama-27M-v3-tc/summary.json`.", "",
+           "| method | measured fraction | PPL | KL | top-1 | keys | records |", "|---|---|---|---|---|---|---|"]
+    order = ["router", "router-int8", "router-int4", "router+snapkv", "tc", "router-tc", "router-tc+snapkv"]
+    fractions = sorted({r["fraction"] for r in tc_rows if r["fraction"] > 0}, reverse=True)
+    fixed = [r for r in (full, q4) if r is not None]
+    for row in fixed + [by[f"{m}@{f:g}"] for f in fractions for m in order if f"{m}@{f:g}" in by]:
+        lines_row = (f"| {label(row)} | {cell(row, 'perplexity', 'kv_fraction_prompt', '%.4f')} | "
+                     f"{cell(row, 'perplexity', 'ppl', '%.3f')} | {cell(row, 'perplexity', 'kl', '%.4f')} | "
+                     f"{cell(row, 'perplexity', 'top1', '%.4f')} | {retrieval(row, 'keys')} | "
+                     f"{retrieval(row, 'records')} |")
+        out.append(lines_row)
+    out.append("")
+    if full is not None and q4 is not None:
+        kq = q4["perplexity"]["kl"]
+        out += [f"**Targets** (q4_0-h: KL {kq:.4f} at {q4['perplexity']['kv_fraction_prompt']:.4f}; full: keys "
+                f"{full['keys']['correct']}/60, records {full['records']['correct']}/60, PPL "
+                f"{full['perplexity']['ppl']:.3f}); the best tc method at each fraction:", ""]
+        goals = {0.25: (1.0, 1.0, None), 0.125: (2.0, 0.95, None), 0.0625: (None, 0.94, 1.10)}
+        for f in fractions:
+            cands = [by[f"{m}@{f:g}"] for m in ("tc", "router-tc", "router-tc+snapkv") if f"{m}@{f:g}" in by]
+            if not cands:
+                continue
+            kl_mult, keep, ppl_mult = goals.get(f, (None, None, None))
+            best = min(cands, key=lambda r: r["perplexity"]["kl"])
+            ret = max(cands, key=lambda r: r["keys"]["accuracy"] + r["records"]["accuracy"])
+            parts = [f"KL {best['perplexity']['kl']:.4f} ({label(best)}, {best['perplexity']['kl'] / kq:.2f}x q4_0-h"
+                     + (f"; target <= {kl_mult:g}x" if kl_mult else "") + ")"]
+            parts.append(f"retrieval {ret['keys']['correct']}/{full['keys']['correct']} keys and "
+                         f"{ret['records']['correct']}/{full['records']['correct']} records of the full cache's "
+                         f"({label(ret)}" + (f"; target >= {keep:.0%}" if keep else "") + ")")
+            pp = min(cands, key=lambda r: r["perplexity"]["ppl"])
+            parts.append(f"PPL {pp['perplexity']['ppl'] / full['perplexity']['ppl']:.3f}x full ({label(pp)}"
+                         + (f"; target <= {ppl_mult:.2f}x" if ppl_mult else "") + ")")
+            out.append(f"- {f:g}: " + "; ".join(parts))
+        out.append("")
+    logs = [(float(f), os.path.join(ROOT, f"results/v3-train-router-tc-{f}.jsonl")) for f in ("0.25", "0.125", "0.0625")]
+    logs = [(t, p) for t, p in logs if os.path.exists(p)]
+    if logs:
+        training_plot(logs, plots_dir, "v3_training_tc", "Router training with tc latents on v3")
+        out += ["![router training, tc latents](plots/v3_training_tc.png)", ""]
+    return out
+
+
+def training_plot(paths, plots_dir, name="v3_training", title="Router training on v3 (calib-v3.txt + calib-recall-v3.txt)"):
     """docs/plots/v3_training.{png,svg}: each router's training KL per step (and its running mean)."""
     _, plt = report.mpl()
     fig, ax = plt.subplots(figsize=(8, 4.2))
@@ -141,14 +204,15 @@ def training_plot(paths, plots_dir):
     ax.set_xlabel("step (1 sequence of 1024 tokens)")
     ax.set_ylabel("KL from the full cache (training batch)")
     ax.legend()
-    ax.set_title("Router training on v3 (calib-v3.txt + calib-recall-v3.txt)")
+    ax.set_title(title)
     fig.tight_layout()
-    report.save(fig, plots_dir, "v3_training")
+    report.save(fig, plots_dir, name)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--summary", default=os.path.join(ROOT, "results/eval-llama-27M-v3/summary.json"))
+    ap.add_argument("--tc-summary", default=os.path.join(ROOT, "results/eval-llama-27M-v3-tc/summary.json"))
     ap.add_argument("--steps", default=os.path.join(ROOT, "results/v3-steps.txt"))
     ap.add_argument("--out", default=os.path.join(ROOT, "docs/results-v3.md"))
     a = ap.parse_args()
@@ -202,6 +266,7 @@ def main():
     if logs:
         training_plot(logs, plots_dir)
         lines += ["![router training](plots/v3_training.png)", ""]
+    lines += tc_section(rows, a.tc_summary, plots_dir)
     speed = speed_table(os.path.join(ROOT, "results/speed-l3-8b-q4_0/summary.json"),
                         "Llama-3-8B shape (random weights, 8 of 32 layers, q4_0), 8k and 32k",
                         "`dynakv make-gguf --shape llama3-8b --type q4_0 --layers 8 --ctx 32768`, a profile calibrated on it "

@@ -344,7 +344,9 @@ Router TestRouter(const DynaKvProfile& p, int n_embd, uint64_t seed) {
   return *out.router;
 }
 
-TEST(TrainGraphEngine, RelaxedArgmaxMatchesTheRouterCache) {
+// tc: the relaxation's decoded codes are the cache's (one codec; a code can flip only where float
+// rounding puts a number on a quantizer boundary).
+void CheckRelaxedArgmaxMatchesTheRouterCache(bool tc) {
   ThreadPool pool(2);
   const int T = 128;
   const ModelConfig& c = TheModel().config();
@@ -352,8 +354,9 @@ TEST(TrainGraphEngine, RelaxedArgmaxMatchesTheRouterCache) {
   p.router = TestRouter(p, c.n_embd, 21);
   // Training graph, one-hot choices without noise (what the router policy does at inference).
   ParamStore<float> params;
-  const RecordCost cost = DynaKvCache::CostFor(p.kv_dim(), KvDtype::kF32);
-  RelaxedDynaKvCache<float> relax(p, c.n_embd, cost, RelaxedCacheOptions{16, 0.3, false, 1.0}, params);
+  const RecordCost cost =
+      tc ? DynaKvCache::CostFor(p.kv_dim(), LatentFormat{LatentFormat::kTc, 0}) : DynaKvCache::CostFor(p.kv_dim(), KvDtype::kF32);
+  RelaxedDynaKvCache<float> relax(p, c.n_embd, cost, RelaxedCacheOptions{16, 0.3, false, 1.0, tc}, params);
   relax.LoadParams(p);
   relax.Prepare(RouterMode::kArgmax, 1.0, 0);
   const std::vector<int32_t> tokens = Tokens("valid.txt", 5000, T);
@@ -363,7 +366,7 @@ TEST(TrainGraphEngine, RelaxedArgmaxMatchesTheRouterCache) {
   // The engine with the DynaKV cache (f32 latents) and the router policy.
   KvConfig kc;
   kc.method = "dynakv";
-  kc.Set("--kv-dtype", "f32").Set("--rank-policy", "router");
+  kc.Set("--kv-dtype", tc ? "tc" : "f32").Set("--rank-policy", "router");
   auto cache = CreateDynaKvCacheFromProfile(kc, KvModelInfo{c.kv_shape(), TheModel().fingerprint(), "m"}, T,
                                             std::make_shared<const DynaKvProfile>(p), "p");
   ASSERT_TRUE(cache.ok()) << cache.status().ToString();
@@ -390,6 +393,10 @@ TEST(TrainGraphEngine, RelaxedArgmaxMatchesTheRouterCache) {
   for (size_t i = 0; i < logits.size(); ++i) worst = std::max(worst, static_cast<double>(std::fabs(logits[i] - graph.logits()[i])));
   EXPECT_LT(worst, 5e-2) << "relaxed one-hot cache and the real cache disagree";
 }
+
+TEST(TrainGraphEngine, RelaxedArgmaxMatchesTheRouterCache) { CheckRelaxedArgmaxMatchesTheRouterCache(false); }
+
+TEST(TrainGraphEngine, RelaxedArgmaxMatchesTheTcRouterCache) { CheckRelaxedArgmaxMatchesTheRouterCache(true); }
 
 // ---- Checkpoints -----------------------------------------------------------------------------------
 
