@@ -447,6 +447,9 @@ TEST(Cli, InfoTcPrintsEachLevelsCode) {
     ++rows;
   }
   EXPECT_GT(rows, 0);
+  const auto bad = RunCli("info -m " + kStories + " --tc");
+  EXPECT_EQ(bad.exit_code, 2);
+  EXPECT_THAT(bad.err, HasSubstr("--tc: needs --profile"));
 }
 
 }  // namespace dk

@@ -605,6 +605,7 @@ TEST(DynaKv, FactoryErrorsNameTheFlag) {
   EXPECT_THAT(CreateError(Config("uniform", 8, -1, -1, "q3"), p), HasSubstr("--kv-dtype"));
   EXPECT_THAT(CreateError(Config("energy", -1, -1, 0.25).Set("--k-share", "0.6"), p), HasSubstr("--k-share"));
   EXPECT_THAT(CreateError(Config("uniform", -1, -1, 0.25).Set("--k-share", "1.5"), p), HasSubstr("--k-share"));
+  EXPECT_THAT(CreateError(Config("uniform", 8, -1, -1).Set("--k-share", "0.6"), p), HasSubstr("--k-share"));
   EXPECT_THAT(CreateError(Config("uniform", 8, -1, -1).Set("--latent-group", "8"), p), HasSubstr("--latent-group"));
   EXPECT_THAT(CreateKvCache(Config("uniform", 8, -1, -1).Set("--sinks", "4"), Info(), 64).status().message(),
               HasSubstr("--sinks"));

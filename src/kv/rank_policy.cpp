@@ -46,8 +46,8 @@ TokenRanks UniformRanksForBudget(double budget, const RankPolicyContext& ctx, do
   const double latent_bytes = per_token - ctx.cost.meta_bytes - ctx.cost.index_bytes_per_token;
   int total = static_cast<int>(std::lround(latent_bytes / ctx.cost.elem_bytes));
   total = std::clamp(total, 2, 2 * D);
-  // Keys get the odd number: scores are more sensitive to key error than outputs to value error.
-  if (k_share == 0.5) return TokenRanks{std::min(D, (total + 1) / 2), std::max(1, total / 2)};
+  // At the default k_share = 0.5 keys get the odd number (lround rounds the half up): scores are
+  // more sensitive to key error than outputs to value error.
   const int rk = std::clamp(static_cast<int>(std::lround(total * k_share)), 1, D);
   return TokenRanks{rk, std::clamp(total - rk, 1, D)};
 }
@@ -66,7 +66,7 @@ StatusOr<std::unique_ptr<RankPolicy>> CreateRankPolicy(const KvConfig& kv, const
     double tau, kv_budget, k_share;
   } config;
   DK_ASSIGN_OR_RETURN(config.k_share, kv.options.Double("--k-share", 0.5, 0.01, 0.99));
-  if (name != "uniform" && kv.options.Has("--k-share"))
+  if ((name != "uniform" || !kv.options.Has("--kv-budget")) && kv.options.Has("--k-share"))
     return InvalidArgument("--k-share: only the uniform rank policy with --kv-budget splits its bytes by a fixed share");
   DK_ASSIGN_OR_RETURN(config.rank, kv.options.Int("--rank", -1, 1, 1 << 20));
   DK_ASSIGN_OR_RETURN(config.tau, kv.options.Double("--tau", -1.0, 0.0, 1.0));

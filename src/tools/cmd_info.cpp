@@ -27,6 +27,7 @@ int CmdInfo(int argc, char** argv) {
     return kExitOk;
   }
   if (model_path.empty()) return UsageError("info", p, InvalidArgument("-m: a model file is required"));
+  if (tc && profile_path.empty()) return UsageError("info", p, InvalidArgument("--tc: needs --profile FILE (the codes come from its eigenvalues)"));
   auto model = Model::Load(model_path);
   if (!model.ok()) return Fail("info", model.status());
   const Model& m = **model;
