@@ -15,6 +15,7 @@
 
 #include "core/fp16.h"
 #include "core/threads.h"
+#include "ops/latent_block.h"
 #include "ops/ops.h"
 #include "ops/quant.h"
 #include "ops/simd.h"
@@ -442,6 +443,9 @@ void DynaKvCache::Attend(int layer, const KvPlan& plan, const float* q, float* o
 namespace {
 
 int RoundUp8(int r) { return (r + 7) & ~7; }
+// Row stride of a block of decoded tc latents: D rounded up to 16 (ops/latent_block.h's padding),
+// plus 16 so that rows are not 4 KiB apart (a column walk would fall in one L1 set).
+int64_t TcBlockStride(int D) { return ((D + 15) & ~15) + 16; }
 
 // The latent attention kernels. The AVX2 paths load latents 8 at a time straight from the packed
 // records, zeroing the lanes at or past the rank, so reading past a record's end (into the next
@@ -612,33 +616,41 @@ void DynaKvCache::AttendBlockQuantized(const uint8_t* arena, const float* qp, co
   }
 }
 
-// The same for transform-coded latents: each record is decoded once (into p.z, shared by all
-// heads; the code's coordinates are a multiple of 8), then the fp32 kernels run on it. The queries
-// are already multiplied by K's sigmas and the accumulated values are z's (ProjectOutputs scales).
+// The same for transform-coded latents: the block's records are decoded once into p.z ([B][ldz],
+// shared by all heads; a code's coordinates are a multiple of 8, zero-filled to the block's widest
+// rounded up to 16), then the block's two products run register-blocked (ops/latent_block.h). The
+// queries are already multiplied by K's sigmas and the accumulated values are z's (ProjectOutputs
+// scales).
 void DynaKvCache::AttendBlockTc(int layer, const float* qp, const float* mterm, int nb, Partial& p) const {
-  const int Hq = shape_.n_head, Dp = RoundUp8(D()), h4 = Hq / 4 * 4;
+  const int Hq = shape_.n_head, Dp = RoundUp8(D());
+  const int64_t ldz = TcBlockStride(D());
   const LayerStore& s = layers_[layer];
   constexpr int B = kIndexEvery;
   const TcLayer& tl = tc_[layer];
   float* sc = p.scores.data();
-  float* acc = p.acc.data();
   float* z = p.z.data();
+  int* width = p.width.data();
+  // Decodes K's (value = false) or V's records of the block into z; returns the widest.
+  auto decode = [&](bool value) {
+    int wmax = 0;
+    for (int t = 0; t < nb; ++t) {
+      const TcAllocation& a = (value ? tl.v : tl.k).ladder[(value ? p.rv[t] : p.rk[t]) - 1];
+      TcDecode(s.arena.data() + p.off[t] + (value ? s.bytes_k[p.rk[t]] : 0), a, D(), z + t * ldz);
+      width[t] = a.coords;
+      wmax = std::max(wmax, a.coords);
+    }
+    const int wpad = (wmax + 15) & ~15;
+    for (int t = 0; t < nb; ++t) std::fill(z + t * ldz + width[t], z + t * ldz + wpad, 0.0f);
+    return wmax;
+  };
   for (int h = 0; h < Hq; ++h)
     for (int t = 0; t < nb; ++t) sc[h * B + t] = mterm[h];
-  for (int t = 0; t < nb; ++t) {
-    const TcAllocation& a = tl.k.ladder[p.rk[t] - 1];
-    TcDecode(s.arena.data() + p.off[t], a, D(), z);
-    for (int h = 0; h < h4; h += 4) Dot4(qp + static_cast<int64_t>(h) * Dp, Dp, z, a.coords, sc + h * B + t, B);
-    for (int h = h4; h < Hq; ++h) Dot1(qp + static_cast<int64_t>(h) * Dp, z, a.coords, sc + h * B + t);
-  }
+  decode(false);
+  LatentScores(qp, Dp, Hq, z, ldz, width, nb, sc, B);
   OnlineSoftmax(nb, p);
-  for (int t = 0; t < nb; ++t) {
-    const TcAllocation& a = tl.v.ladder[p.rv[t] - 1];
-    TcDecode(s.arena.data() + p.off[t] + s.bytes_k[p.rk[t]], a, D(), z);
-    for (int h = 0; h < h4; h += 4) Axpy4(sc + h * B + t, B, z, a.coords, acc + static_cast<size_t>(h) * Dp, Dp);
-    for (int h = h4; h < Hq; ++h) Axpy1(sc[h * B + t], z, a.coords, acc + static_cast<size_t>(h) * Dp);
-    p.rmax_v = std::max(p.rmax_v, a.coords);
-  }
+  const int wv = decode(true);
+  LatentAccumulate(sc, B, Hq, z, ldz, width, nb, p.acc.data(), Dp);
+  p.rmax_v = std::max(p.rmax_v, wv);
 }
 
 // One thread's share of a query: cells [t0, t1) (t0 a multiple of B), block by block.
@@ -673,7 +685,10 @@ void DynaKvCache::AttendLatent(int layer, const KvPlan& plan, float* out, Thread
     p.rk.resize(kIndexEvery);
     p.rv.resize(kIndexEvery);
     p.off.resize(kIndexEvery);
-    p.z.resize(static_cast<size_t>(Dp) + 8);
+    if (format_.tc()) {
+      p.z.resize(static_cast<size_t>(kIndexEvery) * TcBlockStride(Dk));
+      p.width.resize(kIndexEvery);
+    }
   }
   att_.assign(static_cast<size_t>(plan.n) * Hq * Dk, 0.0f);
   qpad_.assign(static_cast<size_t>(Hq) * Dp, 0.0f);

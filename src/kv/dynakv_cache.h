@@ -109,7 +109,8 @@ class DynaKvCache final : public KvCache {
     std::vector<float> scores;      // [Hq][B] scores, then softmax weights
     std::vector<int> rk, rv;        // [B] ranks of a block
     std::vector<int64_t> off;       // [B] record offsets in the arena
-    std::vector<float> z;           // [Dp] one decoded tc latent
+    std::vector<float> z;           // [B][ldz] a block of decoded tc latents
+    std::vector<int> width;         // [B] their coordinates
     int rmax_v = 0;                 // acc columns touched so far
   };
 

@@ -11,7 +11,8 @@
 #include "core/fp16.h"
 #include "core/hash.h"
 
-#if defined(__AVX2__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__BMI2__)
+#define DK_TC_AVX2 1
 #include <immintrin.h>
 #endif
 
@@ -239,19 +240,19 @@ void TcDecode(const uint8_t* src, const TcAllocation& a, int D, float* out) {
     std::memcpy(&s16, src + 2 * g, 2);
     const float s = Fp16ToFp32(s16), so = s * 0.5f * static_cast<float>((1 << b) - 1);
     float* o = out + g * kTcGroup;
-#if defined(__AVX2__) && defined(__FMA__)
-    const __m256i shifts = _mm256_setr_epi32(0, b, 2 * b, 3 * b, 0, b, 2 * b, 3 * b);
-    const __m256i mask = _mm256_set1_epi32((1 << b) - 1);
+#if DK_TC_AVX2
+    // pdep spreads the 8 codes of b bits (b bytes) into 8 bytes, which widen to 8 lanes.
+    const uint64_t spread = 0x0101010101010101ull * ((1u << b) - 1);
     const __m256 vs = _mm256_set1_ps(s), vso = _mm256_set1_ps(-so);
     for (int i = 0; i < n; i += 8) {
-      const uint64_t x = Load(codes, b);
-      const __m256i v = _mm256_setr_epi32(static_cast<int>(static_cast<uint32_t>(x)), static_cast<int>(static_cast<uint32_t>(x)),
-                                          static_cast<int>(static_cast<uint32_t>(x)), static_cast<int>(static_cast<uint32_t>(x)),
-                                          static_cast<int>(static_cast<uint32_t>(x >> (4 * b))),
-                                          static_cast<int>(static_cast<uint32_t>(x >> (4 * b))),
-                                          static_cast<int>(static_cast<uint32_t>(x >> (4 * b))),
-                                          static_cast<int>(static_cast<uint32_t>(x >> (4 * b))));
-      const __m256i q = _mm256_and_si256(_mm256_srlv_epi32(v, shifts), mask);
+      // A whole 8-byte load (the bytes past the b used are not in `spread`) while it stays
+      // inside the record.
+      uint64_t x;
+      if (codes + 8 <= src + a.bytes)
+        std::memcpy(&x, codes, 8);
+      else
+        x = Load(codes, b);
+      const __m256i q = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(_pdep_u64(x, spread))));
       _mm256_storeu_ps(o + i, _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), vs, vso));
       codes += b;
     }
