@@ -1,6 +1,6 @@
 // One block of DynaKV's tc decode attention, piece by piece: decoding the block's records
 // (TcDecode) and the block's two products with every query head (LatentScores, LatentAccumulate),
-// the register-blocked kernels against their scalar references, on the Llama-3-8B shape (32 query
+// the register-blocked kernels (AVX-512, AVX2) against their scalar references, on the Llama-3-8B shape (32 query
 // heads, D = 1024, a block of 64 tokens) at the widths a 12.5 % / 25 % code covers there.
 //
 //   build/bench_latent [google-benchmark flags]
@@ -30,24 +30,23 @@ struct Block {
   }
 };
 
-template <bool kFast>
-void BM_Scores(benchmark::State& state) {
+void BM_Scores(benchmark::State& state, dk::QdotIsa isa) {
+  if (!dk::CpuHasQdotIsa(isa)) return state.SkipWithError("this CPU lacks the instruction set");
   Block b(static_cast<int>(state.range(0)));
   for (auto _ : state) {
-    (kFast ? dk::LatentScores : dk::scalar::LatentScores)(b.q.data(), kLd, kHeads, b.z.data(), kLd, b.width.data(),
-                                                         kTokens, b.s.data(), kTokens);
+    dk::LatentScores(isa, b.q.data(), kLd, kHeads, b.z.data(), kLd, b.width.data(), kTokens, b.s.data(), kTokens);
     benchmark::DoNotOptimize(b.s.data());
   }
   state.counters["GMAC/s"] = benchmark::Counter(static_cast<double>(kHeads) * kTokens * state.range(0) * 1e-9,
                                                 benchmark::Counter::kIsIterationInvariantRate);
 }
 
-template <bool kFast>
-void BM_Accumulate(benchmark::State& state) {
+void BM_Accumulate(benchmark::State& state, dk::QdotIsa isa) {
+  if (!dk::CpuHasQdotIsa(isa)) return state.SkipWithError("this CPU lacks the instruction set");
   Block b(static_cast<int>(state.range(0)));
   for (auto _ : state) {
-    (kFast ? dk::LatentAccumulate : dk::scalar::LatentAccumulate)(b.s.data(), kTokens, kHeads, b.z.data(), kLd,
-                                                                 b.width.data(), kTokens, b.acc.data(), kLd);
+    dk::LatentAccumulate(isa, b.s.data(), kTokens, kHeads, b.z.data(), kLd, b.width.data(), kTokens, b.acc.data(),
+                         kLd);
     benchmark::DoNotOptimize(b.acc.data());
   }
   state.counters["GMAC/s"] = benchmark::Counter(static_cast<double>(kHeads) * kTokens * state.range(0) * 1e-9,
@@ -79,10 +78,12 @@ void BM_Decode(benchmark::State& state) {
                                                   benchmark::Counter::kIsIterationInvariantRate);
 }
 
-BENCHMARK(BM_Scores<true>)->Name("scores/blocked")->Arg(256)->Arg(640);
-BENCHMARK(BM_Scores<false>)->Name("scores/scalar")->Arg(256)->Arg(640);
-BENCHMARK(BM_Accumulate<true>)->Name("accumulate/blocked")->Arg(256)->Arg(640);
-BENCHMARK(BM_Accumulate<false>)->Name("accumulate/scalar")->Arg(256)->Arg(640);
+BENCHMARK_CAPTURE(BM_Scores, avx512, dk::QdotIsa::kAvx512Vnni)->Arg(256)->Arg(640);
+BENCHMARK_CAPTURE(BM_Scores, avx2, dk::QdotIsa::kAvx2)->Arg(256)->Arg(640);
+BENCHMARK_CAPTURE(BM_Scores, scalar, dk::QdotIsa::kScalar)->Arg(256)->Arg(640);
+BENCHMARK_CAPTURE(BM_Accumulate, avx512, dk::QdotIsa::kAvx512Vnni)->Arg(256)->Arg(640);
+BENCHMARK_CAPTURE(BM_Accumulate, avx2, dk::QdotIsa::kAvx2)->Arg(256)->Arg(640);
+BENCHMARK_CAPTURE(BM_Accumulate, scalar, dk::QdotIsa::kScalar)->Arg(256)->Arg(640);
 BENCHMARK(BM_Decode<true>)->Name("decode/avx2")->Arg(128)->Arg(256);
 BENCHMARK(BM_Decode<false>)->Name("decode/scalar")->Arg(128)->Arg(256);
 

@@ -129,8 +129,6 @@ struct ErrorTable {
 
 }  // namespace
 
-int TcGroups(int D) { return (D + kTcGroup - 1) / kTcGroup; }
-int TcGroupSize(int D, int g) { return std::min(kTcGroup, D - g * kTcGroup); }
 
 int TcRecordBytes(const uint8_t* bits, int D) {
   int bytes = 0;

@@ -36,8 +36,9 @@ struct TcAllocation {
   double distortion = 0.0;    // modelled expected squared error (in the eigenvalues' units)
 };
 
-int TcGroups(int D);               // ceil(D / kTcGroup)
-int TcGroupSize(int D, int g);     // kTcGroup, or what is left for the last group
+inline int TcGroups(int D) { return (D + kTcGroup - 1) / kTcGroup; }  // ceil(D / kTcGroup)
+// kTcGroup, or what is left for the last group
+inline int TcGroupSize(int D, int g) { return D - g * kTcGroup < kTcGroup ? D - g * kTcGroup : kTcGroup; }
 // Bytes of a record with these widths (D % 8 == 0).
 int TcRecordBytes(const uint8_t* bits, int D);
 // Expected squared error per number of a group of n iid N(0, 1) numbers coded at b bits (b = 0: 1,
