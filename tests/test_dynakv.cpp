@@ -455,9 +455,8 @@ TEST(DynaKv, BytesUsedFollowsTheLayout) {
   ASSERT_NE(u, nullptr);
   WriteBatch(*u, EvalRows(), 0, 200);
   EXPECT_EQ(u->BytesUsed(), static_cast<size_t>(s.n_layer) * (200 * (48 * 2 + 2) + 4 * 4));
-  // Reserved: exactly the capacity's records (+ the arena's spare bytes), metadata and index.
-  EXPECT_EQ(u->BytesReserved(),
-            static_cast<size_t>(s.n_layer) * (256 * (48 * 2 + 2) + DynaKvCache::kArenaSlack + 4 * 4));
+  // Reserved: exactly the capacity's records, metadata and index.
+  EXPECT_EQ(u->BytesReserved(), static_cast<size_t>(s.n_layer) * (256 * (48 * 2 + 2) + 4 * 4));
 }
 
 TEST(DynaKv, BudgetFractionWithinTwoPercent) {

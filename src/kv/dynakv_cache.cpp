@@ -169,8 +169,7 @@ void DynaKvCache::Grow(LayerStore& s, int64_t need_bytes) {
   if (need_bytes <= s.arena_bytes) return;
   const int64_t worst = static_cast<int64_t>(capacity_) * 2 * format_.Bytes(D());
   const int64_t bytes = std::min(worst, std::max(need_bytes, s.arena_bytes + s.arena_bytes / 2));
-  // kArenaSlack spare bytes: the attention kernels load latents in whole vectors of 8 numbers.
-  std::vector<uint8_t> bigger(static_cast<size_t>(bytes + kArenaSlack));
+  std::vector<uint8_t> bigger(static_cast<size_t>(bytes));  // every read stays inside its record
   if (s.used > 0) std::memcpy(bigger.data(), s.arena.data(), static_cast<size_t>(s.used));
   s.arena.swap(bigger);
   s.arena_bytes = bytes;
@@ -443,105 +442,9 @@ void DynaKvCache::Attend(int layer, const KvPlan& plan, const float* q, float* o
 namespace {
 
 int RoundUp8(int r) { return (r + 7) & ~7; }
-// Row stride of a block of decoded tc latents: D rounded up to 16 (ops/latent_block.h's padding),
+// Row stride of a block of decoded latents: D rounded up to 16 (ops/latent_block.h's padding),
 // plus 16 so that rows are not 4 KiB apart (a column walk would fall in one L1 set).
-int64_t TcBlockStride(int D) { return ((D + 15) & ~15) + 16; }
-
-// The latent attention kernels. The AVX2 paths load latents 8 at a time straight from the packed
-// records, zeroing the lanes at or past the rank, so reading past a record's end (into the next
-// record or the arena's spare elements) is harmless. The portable paths are the same arithmetic.
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define DK_LATENT_AVX2 1
-#include <immintrin.h>
-#endif
-
-inline float Elem(const uint16_t* c, int j) { return Fp16ToFp32(c[j]); }
-inline float Elem(const float* c, int j) { return c[j]; }
-
-#ifdef DK_LATENT_AVX2
-inline __m256 Load8(const uint16_t* c, int j) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + j)));
-}
-inline __m256 Load8(const float* c, int j) { return _mm256_loadu_ps(c + j); }
-// Elements [j, j + 8) of a latent of rank r, zero at and past r.
-template <typename T>
-inline __m256 Load8(const T* c, int j, int r) {
-  const __m256 v = Load8(c, j);
-  if (j + 8 <= r) return v;
-  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  return _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(r - j), lanes)));
-}
-#endif
-
-// s[k * ls] += q_k . c over the r numbers of latent c, for 4 heads at once (c loaded once).
-// q rows are `ld` apart and hold at least r rounded up to 8 numbers.
-template <typename T>
-inline void Dot4(const float* q, int64_t ld, const T* c, int r, float* s, int64_t ls) {
-  const float *q0 = q, *q1 = q + ld, *q2 = q + 2 * ld, *q3 = q + 3 * ld;
-#ifdef DK_LATENT_AVX2
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  for (int j = 0; j < r; j += 8) {
-    const __m256 cv = Load8(c, j, r);
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + j), cv, a0);
-    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q1 + j), cv, a1);
-    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q2 + j), cv, a2);
-    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q3 + j), cv, a3);
-  }
-  // hadd(hadd(a0, a1), hadd(a2, a3)) = [A0123 B0123 C0123 D0123 | A4567 B4567 C4567 D4567].
-  const __m256 hs = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-  float sums[4];
-  _mm_storeu_ps(sums, _mm_add_ps(_mm256_castps256_ps128(hs), _mm256_extractf128_ps(hs, 1)));
-#else
-  float sums[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  for (int j = 0; j < r; ++j) {
-    const float cj = Elem(c, j);
-    sums[0] += q0[j] * cj;
-    sums[1] += q1[j] * cj;
-    sums[2] += q2[j] * cj;
-    sums[3] += q3[j] * cj;
-  }
-#endif
-  for (int k = 0; k < 4; ++k) s[k * ls] += sums[k];
-}
-
-template <typename T>
-inline void Dot1(const float* q, const T* c, int r, float* s) {
-  float s0 = 0.0f;
-  for (int j = 0; j < r; ++j) s0 += q[j] * Elem(c, j);
-  *s += s0;
-}
-
-// a_k[j] += p[k * lp] * c[j] for 4 heads at once; a rows are `ld` apart and hold at least r
-// rounded up to 8 numbers (the AVX2 path adds zeros there).
-template <typename T>
-inline void Axpy4(const float* p, int64_t lp, const T* c, int r, float* a, int64_t ld) {
-  float *a0 = a, *a1 = a + ld, *a2 = a + 2 * ld, *a3 = a + 3 * ld;
-#ifdef DK_LATENT_AVX2
-  const __m256 p0 = _mm256_set1_ps(p[0]), p1 = _mm256_set1_ps(p[lp]), p2 = _mm256_set1_ps(p[2 * lp]),
-               p3 = _mm256_set1_ps(p[3 * lp]);
-  for (int j = 0; j < r; j += 8) {
-    const __m256 cv = Load8(c, j, r);
-    _mm256_storeu_ps(a0 + j, _mm256_fmadd_ps(p0, cv, _mm256_loadu_ps(a0 + j)));
-    _mm256_storeu_ps(a1 + j, _mm256_fmadd_ps(p1, cv, _mm256_loadu_ps(a1 + j)));
-    _mm256_storeu_ps(a2 + j, _mm256_fmadd_ps(p2, cv, _mm256_loadu_ps(a2 + j)));
-    _mm256_storeu_ps(a3 + j, _mm256_fmadd_ps(p3, cv, _mm256_loadu_ps(a3 + j)));
-  }
-#else
-  const float p0 = p[0], p1 = p[lp], p2 = p[2 * lp], p3 = p[3 * lp];
-  for (int j = 0; j < r; ++j) {
-    const float cj = Elem(c, j);
-    a0[j] += p0 * cj;
-    a1[j] += p1 * cj;
-    a2[j] += p2 * cj;
-    a3[j] += p3 * cj;
-  }
-#endif
-}
-
-template <typename T>
-inline void Axpy1(float p, const T* c, int r, float* a) {
-  for (int j = 0; j < r; ++j) a[j] += p * Elem(c, j);
-}
+int64_t LatentBlockStride(int D) { return ((D + 15) & ~15) + 16; }
 
 }  // namespace
 
@@ -565,91 +468,47 @@ void DynaKvCache::OnlineSoftmax(int nb, Partial& p) const {
   }
 }
 
-// One block of cells [b0, b0 + nb) for one query (ranks and byte offsets in p.rk/rv/off): scores,
-// the online-softmax update per head, and the value accumulation, straight from the records.
-template <typename T>
-void DynaKvCache::AttendBlock(const uint8_t* arena, const float* qp, const float* mterm, int nb, Partial& p) const {
-  const int Hq = shape_.n_head, Dp = RoundUp8(D()), h4 = Hq / 4 * 4;
-  constexpr int B = kIndexEvery;
-  float* sc = p.scores.data();  // [Hq][B], head-major so the softmax loops run over cells
-  float* acc = p.acc.data();
-  for (int h = 0; h < Hq; ++h)
-    for (int t = 0; t < nb; ++t) sc[h * B + t] = mterm[h];
-  for (int t = 0; t < nb; ++t) {
-    const T* c = reinterpret_cast<const T*>(arena + p.off[t]);
-    for (int h = 0; h < h4; h += 4) Dot4(qp + static_cast<int64_t>(h) * Dp, Dp, c, p.rk[t], sc + h * B + t, B);
-    for (int h = h4; h < Hq; ++h) Dot1(qp + static_cast<int64_t>(h) * Dp, c, p.rk[t], sc + h * B + t);
-  }
-  OnlineSoftmax(nb, p);
-  for (int t = 0; t < nb; ++t) {
-    const T* c = reinterpret_cast<const T*>(arena + p.off[t]) + p.rk[t];
-    for (int h = 0; h < h4; h += 4) Axpy4(sc + h * B + t, B, c, p.rv[t], acc + static_cast<size_t>(h) * Dp, Dp);
-    for (int h = h4; h < Hq; ++h) Axpy1(sc[h * B + t], c, p.rv[t], acc + static_cast<size_t>(h) * Dp);
-    p.rmax_v = std::max(p.rmax_v, RoundUp8(p.rv[t]));
-  }
-}
-
-// The same for int8 / int4 latents: each head's dot product and value update run on the codes
-// (ops/quant.h), one head at a time.
-void DynaKvCache::AttendBlockQuantized(const uint8_t* arena, const float* qp, const float* mterm, int nb,
-                                       Partial& p) const {
-  const int Hq = shape_.n_head, Dp = RoundUp8(D()), bits = format_.bits();
-  constexpr int B = kIndexEvery;
-  float* sc = p.scores.data();
-  for (int t = 0; t < nb; ++t) {
-    const uint8_t* rec = arena + p.off[t];
-    const int r = p.rk[t], g = format_.GroupSize(r);
-    const auto* scales = reinterpret_cast<const uint16_t*>(rec);
-    for (int h = 0; h < Hq; ++h)
-      sc[h * B + t] = mterm[h] + DotSymLatent(qp + static_cast<int64_t>(h) * Dp, rec + 2 * format_.Groups(r), scales,
-                                              r, bits, g);
-  }
-  OnlineSoftmax(nb, p);
-  for (int t = 0; t < nb; ++t) {
-    const uint8_t* rec = arena + p.off[t] + format_.Bytes(p.rk[t]);
-    const int r = p.rv[t], g = format_.GroupSize(r);
-    const auto* scales = reinterpret_cast<const uint16_t*>(rec);
-    for (int h = 0; h < Hq; ++h)
-      AxpySymLatent(sc[h * B + t], rec + 2 * format_.Groups(r), scales, r, bits, g,
-                    p.acc.data() + static_cast<size_t>(h) * Dp);
-    p.rmax_v = std::max(p.rmax_v, RoundUp8(r));
-  }
-}
-
-// The same for transform-coded latents: the block's records are decoded once into p.z ([B][ldz],
-// shared by all heads; a code's coordinates are a multiple of 8, zero-filled to the block's widest
-// rounded up to 16), then the block's two products run register-blocked (ops/latent_block.h). The
-// queries are already multiplied by K's sigmas and the accumulated values are z's (ProjectOutputs
-// scales).
-void DynaKvCache::AttendBlockTc(int layer, const float* qp, const float* mterm, int nb, Partial& p) const {
-  const int Hq = shape_.n_head, Dp = RoundUp8(D());
-  const int64_t ldz = TcBlockStride(D());
+// Decodes the block's K latents (value = false) or V latents into p.z ([B][ldz] floats, whatever
+// the storage: ReadLatent), their widths rounded up to 8 into p.width, each row zero from its width
+// to the block's widest rounded up to 16 (ops/latent_block.h's layout); returns the widest, rounded
+// up to 8.
+int DynaKvCache::DecodeLatentBlock(int layer, bool value, int nb, Partial& p) const {
   const LayerStore& s = layers_[layer];
-  constexpr int B = kIndexEvery;
-  const TcLayer& tl = tc_[layer];
-  float* sc = p.scores.data();
+  const int64_t ldz = LatentBlockStride(D());
   float* z = p.z.data();
   int* width = p.width.data();
-  // Decodes K's (value = false) or V's records of the block into z; returns the widest.
-  auto decode = [&](bool value) {
-    int wmax = 0;
-    for (int t = 0; t < nb; ++t) {
-      const TcAllocation& a = (value ? tl.v : tl.k).ladder[(value ? p.rv[t] : p.rk[t]) - 1];
-      TcDecode(s.arena.data() + p.off[t] + (value ? s.bytes_k[p.rk[t]] : 0), a, D(), z + t * ldz);
-      width[t] = a.coords;
-      wmax = std::max(wmax, a.coords);
-    }
-    const int wpad = (wmax + 15) & ~15;
-    for (int t = 0; t < nb; ++t) std::fill(z + t * ldz + width[t], z + t * ldz + wpad, 0.0f);
-    return wmax;
-  };
+  int wmax = 0;
+  for (int t = 0; t < nb; ++t) {
+    const int r = value ? p.rv[t] : p.rk[t];
+    ReadLatent(layer, value, p.off[t] + (value ? s.bytes_k[p.rk[t]] : 0), r, z + t * ldz);
+    width[t] = value ? s.width_v[r] : s.width_k[r];
+    wmax = std::max(wmax, width[t]);
+  }
+  const int wpad = (wmax + 15) & ~15;
+  for (int t = 0; t < nb; ++t) {
+    std::fill(z + t * ldz + width[t], z + t * ldz + wpad, 0.0f);
+    width[t] = RoundUp8(width[t]);
+  }
+  return RoundUp8(wmax);
+}
+
+// One block of cells [b0, b0 + nb) for one query (ranks and byte offsets in p.rk/rv/off): the
+// block's K latents decoded once (shared by all heads), the scores of every head as one
+// register-blocked product (ops/latent_block.h), the online-softmax update per head, then the V
+// latents decoded into the same buffer and accumulated the same way. tc: the queries are already
+// multiplied by K's sigmas and the accumulated values are z's (ProjectOutputs scales).
+void DynaKvCache::AttendBlock(int layer, const float* qp, const float* mterm, int nb, Partial& p) const {
+  const int Hq = shape_.n_head, Dp = RoundUp8(D());
+  const int64_t ldz = LatentBlockStride(D());
+  constexpr int B = kIndexEvery;
+  float* sc = p.scores.data();  // [Hq][B], head-major so the softmax loops run over cells
   for (int h = 0; h < Hq; ++h)
     for (int t = 0; t < nb; ++t) sc[h * B + t] = mterm[h];
-  decode(false);
-  LatentScores(qp, Dp, Hq, z, ldz, width, nb, sc, B);
+  DecodeLatentBlock(layer, false, nb, p);
+  LatentScores(qp, Dp, Hq, p.z.data(), ldz, p.width.data(), nb, sc, B);
   OnlineSoftmax(nb, p);
-  const int wv = decode(true);
-  LatentAccumulate(sc, B, Hq, z, ldz, width, nb, p.acc.data(), Dp);
+  const int wv = DecodeLatentBlock(layer, true, nb, p);
+  LatentAccumulate(sc, B, Hq, p.z.data(), ldz, p.width.data(), nb, p.acc.data(), Dp);
   p.rmax_v = std::max(p.rmax_v, wv);
 }
 
@@ -661,12 +520,7 @@ void DynaKvCache::AttendRange(int layer, const float* qp, const float* mterm, in
   for (int b0 = t0; b0 < t1; b0 += kIndexEvery) {
     const int nb = std::min(t1, b0 + kIndexEvery) - b0;
     DecodeBlock(s, b0, b0 + nb, p.rk.data(), p.rv.data(), p.off.data());
-    switch (format_.type) {
-      case LatentFormat::kF16: AttendBlock<uint16_t>(s.arena.data(), qp, mterm, nb, p); break;
-      case LatentFormat::kF32: AttendBlock<float>(s.arena.data(), qp, mterm, nb, p); break;
-      case LatentFormat::kTc: AttendBlockTc(layer, qp, mterm, nb, p); break;
-      default: AttendBlockQuantized(s.arena.data(), qp, mterm, nb, p);
-    }
+    AttendBlock(layer, qp, mterm, nb, p);
   }
 }
 
@@ -685,10 +539,8 @@ void DynaKvCache::AttendLatent(int layer, const KvPlan& plan, float* out, Thread
     p.rk.resize(kIndexEvery);
     p.rv.resize(kIndexEvery);
     p.off.resize(kIndexEvery);
-    if (format_.tc()) {
-      p.z.resize(static_cast<size_t>(kIndexEvery) * TcBlockStride(Dk));
-      p.width.resize(kIndexEvery);
-    }
+    p.z.resize(static_cast<size_t>(kIndexEvery) * LatentBlockStride(Dk));
+    p.width.resize(kIndexEvery);
   }
   att_.assign(static_cast<size_t>(plan.n) * Hq * Dk, 0.0f);
   qpad_.assign(static_cast<size_t>(Hq) * Dp, 0.0f);

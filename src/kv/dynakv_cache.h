@@ -49,7 +49,6 @@ class DynaKvCache final : public KvCache {
  public:
   static constexpr int kIndexEvery = 64;  // B: one offset index entry per B tokens
   static constexpr int kGemmMinBatch = 8; // batches this large attend through fp32 GEMMs
-  static constexpr int kArenaSlack = 32;  // spare bytes after each arena (vector loads of 8 numbers)
 
   // The profile must match the shape (the factory checks it against the model). It is shared
   // read-only: many caches (sequences, server slots) use one copy.
@@ -109,7 +108,7 @@ class DynaKvCache final : public KvCache {
     std::vector<float> scores;      // [Hq][B] scores, then softmax weights
     std::vector<int> rk, rv;        // [B] ranks of a block
     std::vector<int64_t> off;       // [B] record offsets in the arena
-    std::vector<float> z;           // [B][ldz] a block of decoded tc latents
+    std::vector<float> z;           // [B][ldz] a block of decoded latents
     std::vector<int> width;         // [B] their coordinates
     int rmax_v = 0;                 // acc columns touched so far
   };
@@ -130,10 +129,9 @@ class DynaKvCache final : public KvCache {
   // out_h = U_V,h a_h + mu_V,h for a [n][Hq][D] (first r_max columns non-zero).
   void ProjectOutputs(int layer, int n, int r_max, float* out);
   void AttendLatent(int layer, const KvPlan& plan, float* out, ThreadPool& pool);
-  template <typename T>
-  void AttendBlock(const uint8_t* arena, const float* qp, const float* mterm, int nb, Partial& p) const;
-  void AttendBlockQuantized(const uint8_t* arena, const float* qp, const float* mterm, int nb, Partial& p) const;
-  void AttendBlockTc(int layer, const float* qp, const float* mterm, int nb, Partial& p) const;
+  // The block's K (value = false) or V latents as floats in p.z / p.width; returns the widest.
+  int DecodeLatentBlock(int layer, bool value, int nb, Partial& p) const;
+  void AttendBlock(int layer, const float* qp, const float* mterm, int nb, Partial& p) const;
   void OnlineSoftmax(int nb, Partial& p) const;  // the per-head softmax update of a block's scores
   void AttendRange(int layer, const float* qp, const float* mterm, int t0, int t1, Partial& p) const;
   void AttendGemm(int layer, const KvPlan& plan, float* out, ThreadPool& pool);

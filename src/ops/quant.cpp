@@ -148,10 +148,6 @@ void QuantizeSymLatent(const float* x, int r, int bits, int group, uint8_t* code
   }
 }
 
-void DequantizeSymLatent(const uint8_t* codes, const uint16_t* scales, int r, int bits, int group, float* out) {
-  for (int i = 0; i < r; ++i) out[i] = Fp16ToFp32(scales[i / group]) * static_cast<float>(SymCode(codes, i, bits));
-}
-
 // ---- Scalar references: the definitions, one element at a time ----------------------------------
 
 namespace scalar {
@@ -209,14 +205,8 @@ void FwhtInPlace(float* x, int n) {
   for (int i = 0; i < n; ++i) x[i] = static_cast<float>(y[i] * norm);
 }
 
-float DotSymLatent(const float* q, const uint8_t* codes, const uint16_t* scales, int r, int bits, int group) {
-  float s = 0.0f;
-  for (int i = 0; i < r; ++i) s += q[i] * (Fp16ToFp32(scales[i / group]) * static_cast<float>(SymCode(codes, i, bits)));
-  return s;
-}
-
-void AxpySymLatent(float a, const uint8_t* codes, const uint16_t* scales, int r, int bits, int group, float* y) {
-  for (int i = 0; i < r; ++i) y[i] += a * (Fp16ToFp32(scales[i / group]) * static_cast<float>(SymCode(codes, i, bits)));
+void DequantizeSymLatent(const uint8_t* codes, const uint16_t* scales, int r, int bits, int group, float* out) {
+  for (int i = 0; i < r; ++i) out[i] = Fp16ToFp32(scales[i / group]) * static_cast<float>(SymCode(codes, i, bits));
 }
 
 }  // namespace scalar
@@ -355,29 +345,13 @@ inline void ForEachSymChunk(int r, int group, const uint16_t* scales, Vec vec, O
 }
 
 template <int kBits>
-float DotSymLatentT(const float* q, const uint8_t* codes, const uint16_t* scales, int r, int group) {
-  __m256 acc = _mm256_setzero_ps();
-  float tail = 0.0f;
+void DequantizeSymLatentT(const uint8_t* codes, const uint16_t* scales, int r, int group, float* out) {
   auto vec = [&](int i, int end, float s) {
-    __m256 g = _mm256_setzero_ps();
-    for (; i + 8 <= end; i += 8) g = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), SymCodes8<kBits>(codes, i), g);
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(s), g, acc);  // the group's scale applied once
+    const __m256 vs = _mm256_set1_ps(s);
+    for (; i + 8 <= end; i += 8) _mm256_storeu_ps(out + i, _mm256_mul_ps(vs, SymCodes8<kBits>(codes, i)));
     return i;
   };
-  auto one = [&](int i, float s) { tail += q[i] * (s * static_cast<float>(SymCode(codes, i, kBits))); };
-  ForEachSymChunk<kBits>(r, group, scales, vec, one);
-  return HorizontalSum(acc) + tail;
-}
-
-template <int kBits>
-void AxpySymLatentT(float a, const uint8_t* codes, const uint16_t* scales, int r, int group, float* y) {
-  auto vec = [&](int i, int end, float s) {
-    const __m256 as = _mm256_set1_ps(a * s);
-    for (; i + 8 <= end; i += 8)
-      _mm256_storeu_ps(y + i, _mm256_fmadd_ps(as, SymCodes8<kBits>(codes, i), _mm256_loadu_ps(y + i)));
-    return i;
-  };
-  auto one = [&](int i, float s) { y[i] += a * (s * static_cast<float>(SymCode(codes, i, kBits))); };
+  auto one = [&](int i, float s) { out[i] = s * static_cast<float>(SymCode(codes, i, kBits)); };
   ForEachSymChunk<kBits>(r, group, scales, vec, one);
 }
 
@@ -425,13 +399,9 @@ void FwhtInPlace(float* x, int n) {
   ScaleInPlace(x, n, 1.0f / std::sqrt(static_cast<float>(n)));
 }
 
-float DotSymLatent(const float* q, const uint8_t* codes, const uint16_t* scales, int r, int bits, int group) {
-  return bits == 8 ? DotSymLatentT<8>(q, codes, scales, r, group) : DotSymLatentT<4>(q, codes, scales, r, group);
-}
-
-void AxpySymLatent(float a, const uint8_t* codes, const uint16_t* scales, int r, int bits, int group, float* y) {
-  if (bits == 8) return AxpySymLatentT<8>(a, codes, scales, r, group, y);
-  AxpySymLatentT<4>(a, codes, scales, r, group, y);
+void DequantizeSymLatent(const uint8_t* codes, const uint16_t* scales, int r, int bits, int group, float* out) {
+  if (bits == 8) return DequantizeSymLatentT<8>(codes, scales, r, group, out);
+  DequantizeSymLatentT<4>(codes, scales, r, group, out);
 }
 
 #else
@@ -450,11 +420,8 @@ void FwhtInPlace(float* x, int n) {
   FwhtStagesScalar(x, n, 1);
   ScaleInPlace(x, n, 1.0f / std::sqrt(static_cast<float>(n)));
 }
-float DotSymLatent(const float* q, const uint8_t* codes, const uint16_t* scales, int r, int bits, int group) {
-  return scalar::DotSymLatent(q, codes, scales, r, bits, group);
-}
-void AxpySymLatent(float a, const uint8_t* codes, const uint16_t* scales, int r, int bits, int group, float* y) {
-  scalar::AxpySymLatent(a, codes, scales, r, bits, group, y);
+void DequantizeSymLatent(const uint8_t* codes, const uint16_t* scales, int r, int bits, int group, float* out) {
+  scalar::DequantizeSymLatent(codes, scales, r, bits, group, out);
 }
 
 #endif

@@ -120,11 +120,9 @@ size_t SymLatentCodeBytes(int r, int bits);         // the codes alone: r or cei
 int SymLatentGroups(int r, int group);              // ceil(r / group)
 
 void QuantizeSymLatent(const float* x, int r, int bits, int group, uint8_t* codes, uint16_t* scales);
+// out[i] = x^_i (AVX2 beside scalar::DequantizeSymLatent, bit-identical: one product per number).
+// DynaKV's attention decodes a block of latents with it, then multiplies (ops/latent_block.h).
 void DequantizeSymLatent(const uint8_t* codes, const uint16_t* scales, int r, int bits, int group, float* out);
-// sum_i q[i] * x^_i: a query (projected into the latent basis) against a quantized latent key.
-float DotSymLatent(const float* q, const uint8_t* codes, const uint16_t* scales, int r, int bits, int group);
-// y[i] += a * x^_i: a probability times a quantized latent value, into the latent output.
-void AxpySymLatent(float a, const uint8_t* codes, const uint16_t* scales, int r, int bits, int group, float* y);
 
 namespace scalar {
 float DotQ8_0(const float* q, const BlockQ8_0* x, int n);
@@ -135,8 +133,7 @@ float DotAsymCodes(const float* w, const uint8_t* codes, int n, int bits);
 void AxpyAsymCodes(float a, const uint8_t* codes, int n, int bits, float* y);
 // The explicit product with H_n in double, O(n^2): the reference the butterflies are tested against.
 void FwhtInPlace(float* x, int n);
-float DotSymLatent(const float* q, const uint8_t* codes, const uint16_t* scales, int r, int bits, int group);
-void AxpySymLatent(float a, const uint8_t* codes, const uint16_t* scales, int r, int bits, int group, float* y);
+void DequantizeSymLatent(const uint8_t* codes, const uint16_t* scales, int r, int bits, int group, float* out);
 }  // namespace scalar
 
 }  // namespace dk
