@@ -244,7 +244,26 @@ def main():
     ap.add_argument("--tc-summary", default=os.path.join(ROOT, "results/eval-llama-27M-v3-tc/summary.json"))
     ap.add_argument("--steps", default=os.path.join(ROOT, "results/v3-steps.txt"))
     ap.add_argument("--out", default=os.path.join(ROOT, "docs/results-v3.md"))
+    ap.add_argument("--check", action="store_true",
+                    help="regenerate into a temporary folder and fail unless the page equals docs/results-v3.md "
+                         "(the committed page is current with results/)")
     a = ap.parse_args()
+    if a.check:
+        import subprocess
+        import tempfile
+        with tempfile.TemporaryDirectory() as d:
+            out = os.path.join(d, "results-v3.md")
+            subprocess.run([sys.executable, os.path.abspath(__file__), "--summary", a.summary, "--tc-summary",
+                            a.tc_summary, "--steps", a.steps, "--out", out], check=True, stdout=subprocess.DEVNULL)
+            with open(out) as f1, open(os.path.join(ROOT, "docs/results-v3.md")) as f2:
+                new, old = f1.read().splitlines(), f2.read().splitlines()
+        if new != old:
+            diff = [f"line {i + 1}:\n  committed: {o}\n  from results/: {n}"
+                    for i, (n, o) in enumerate(zip(new, old)) if n != o][:5]
+            sys.exit("docs/results-v3.md is not what results/ gives (run scripts/report_v3.py):\n" + "\n".join(diff)
+                     + (f"\n({len(new)} lines against {len(old)})" if len(new) != len(old) else ""))
+        print("docs/results-v3.md is current")
+        return
     with open(a.summary) as f:
         s = json.load(f)
     spec, rows = s["spec"], s["rows"]
