@@ -93,26 +93,37 @@ struct V {
 }  // namespace avx512
 #endif
 
+namespace {
+
+// Runs the kernel of `isa` (on x86; elsewhere the reference).
+template <typename... A>
+void ByIsa(QdotIsa isa, [[maybe_unused]] void (*on_avx512)(A...), [[maybe_unused]] void (*on_avx2)(A...),
+           void (*on_scalar)(A...), A... args) {
+#if DK_LATENT_X86
+  if (isa == QdotIsa::kAvx512Vnni) return on_avx512(args...);
+  if (isa == QdotIsa::kAvx2) return on_avx2(args...);
+#endif
+  on_scalar(args...);
+}
+
+#if DK_LATENT_X86
+constexpr auto kScores512 = &avx512::LatentScores, kScores2 = &avx2::LatentScores;
+constexpr auto kAccumulate512 = &avx512::LatentAccumulate, kAccumulate2 = &avx2::LatentAccumulate;
+#else
+constexpr auto kScores512 = &scalar::LatentScores, kScores2 = &scalar::LatentScores;
+constexpr auto kAccumulate512 = &scalar::LatentAccumulate, kAccumulate2 = &scalar::LatentAccumulate;
+#endif
+
+}  // namespace
+
 void LatentScores(QdotIsa isa, const float* q, int64_t ldq, int nh, const float* z, int64_t ldz, const int* width,
                   int nt, float* s, int64_t lds) {
-  switch (isa) {
-#if DK_LATENT_X86
-    case QdotIsa::kAvx512Vnni: avx512::LatentScores(q, ldq, nh, z, ldz, width, nt, s, lds); return;
-    case QdotIsa::kAvx2: avx2::LatentScores(q, ldq, nh, z, ldz, width, nt, s, lds); return;
-#endif
-    default: scalar::LatentScores(q, ldq, nh, z, ldz, width, nt, s, lds);
-  }
+  ByIsa(isa, kScores512, kScores2, &scalar::LatentScores, q, ldq, nh, z, ldz, width, nt, s, lds);
 }
 
 void LatentAccumulate(QdotIsa isa, const float* p, int64_t lds, int nh, const float* z, int64_t ldz, const int* width,
                       int nt, float* acc, int64_t lda) {
-  switch (isa) {
-#if DK_LATENT_X86
-    case QdotIsa::kAvx512Vnni: avx512::LatentAccumulate(p, lds, nh, z, ldz, width, nt, acc, lda); return;
-    case QdotIsa::kAvx2: avx2::LatentAccumulate(p, lds, nh, z, ldz, width, nt, acc, lda); return;
-#endif
-    default: scalar::LatentAccumulate(p, lds, nh, z, ldz, width, nt, acc, lda);
-  }
+  ByIsa(isa, kAccumulate512, kAccumulate2, &scalar::LatentAccumulate, p, lds, nh, z, ldz, width, nt, acc, lda);
 }
 
 void LatentScores(const float* q, int64_t ldq, int nh, const float* z, int64_t ldz, const int* width, int nt,
