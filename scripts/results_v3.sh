@@ -47,8 +47,8 @@ build/dynakv eval -m $M -f $D/valid-v3.txt --profile $P/v3.dkv --routers $RT \
   --tasks perplexity,keys,records -c 4096 --ppl-prompt 3072 --chunks 8 --name eval-llama-27M-v3-tc -t $T
 # Speed: v3 at 4k/16k/32k, and a Llama-3-8B-shaped random-weight model (8 layers, q4_0 weights) at
 # 8k/32k; each context filled by a short real prefill replayed through the cache (--speed-fill).
-build/dynakv eval -m $M -f $D/valid-v3.txt --profile $P/v3.dkv --routers $R \
-  --methods full,q8_0,q4_0,q4_0-h,kivi2,uniform,router --fractions 0.25,0.125 --speed-fractions 0.25,0.125 \
+build/dynakv eval -m $M -f $D/valid-v3.txt --profile $P/v3.dkv --routers $RT \
+  --methods full,q8_0,q4_0,q4_0-h,kivi2,uniform,tc,router-tc --fractions 0.25,0.125 --speed-fractions 0.25,0.125 \
   --tasks speed --speed-ctx 4096,16384,32768 --speed-fill 1024 --name speed-v3 -t $T
 # The 8B-shaped model (1.6 GB) and its profile stay outside the repository, in $TMPDIR (results/ name
 # them l3-8b-q4_0.gguf and l3-8b.dkv, without the folder).
