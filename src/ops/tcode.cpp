@@ -129,7 +129,6 @@ struct ErrorTable {
 
 }  // namespace
 
-
 int TcRecordBytes(const uint8_t* bits, int D) {
   int bytes = 0;
   for (int g = 0; g < TcGroups(D); ++g)
